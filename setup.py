@@ -1,0 +1,37 @@
+"""simclr_jax: SimCLR v1 and SimCLRv2 (pretrain, fine-tune, distill) in JAX and Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    # jax 0.10.x is what pip resolves on Python 3.11; newer jax (0.11/0.12 on Python 3.12) is supported.
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.6",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=1.0",
+    "clu>=0.0.12",
+    "tensorboard>=2.18",
+    "numpy>=1.26",
+    "pillow>=10",
+    "matplotlib>=3.8",
+]
+
+EXTRAS_REQUIRE = {
+    # tf.data input for large datasets and clu's TensorBoard writer; optional so GPU boxes can stay TF-free.
+    "tfds": ["tensorflow-cpu>=2.18", "tensorflow-datasets>=4.9"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+    "bench": ["pandas>=2"],
+}
+
+setup(
+    name="simclr_jax",
+    version="0.1.0",
+    description="SimCLR v1 and SimCLRv2 in JAX/Flax: pretraining, fine-tuning and distillation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["simclr_jax", "simclr_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)

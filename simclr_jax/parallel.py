@@ -1,0 +1,133 @@
+"""Data parallelism: one mesh axis, per-replica steps mapped by `jax.shard_map` (default) or `jax.pmap`.
+
+Train steps are written once, as pure per-replica functions with named-axis collectives on `'data'`
+(`lax.pmean` for gradients, `lax.all_gather` for negatives, BatchNorm with `axis_name='data'`).
+`DataParallel` maps them. Both backends use pmap's semantics for gradients (`check_vma=False` under
+shard_map): the gradient a replica computes for replicated parameters is its own, and the step averages
+them with `lax.pmean`. With `check_vma=True` shard_map would already sum them, and the pmean on top would
+leave them N times too large (see DESIGN.md, "Trap to know").
+
+Arrays cross the boundary as global `jax.Array`s: replicated trees (state) and batches sharded on their
+leading axis. Under pmap the replicated trees carry a leading device axis instead; `replicate` and
+`unreplicate` hide the difference from the trainers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+BACKENDS = ("shard_map", "pmap")
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh over all (global) devices, named 'data'."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def check_divisible(name: str, batch_size: int, mesh: Mesh) -> None:
+    """Fail before compiling when a global batch cannot be split evenly over devices and processes."""
+    if batch_size <= 0:
+        raise ValueError(f"{name} must be positive, got {batch_size}")
+    devices, processes = mesh.devices.size, jax.process_count()
+    if batch_size % devices:
+        raise ValueError(
+            f"{name}={batch_size} does not divide over {devices} devices "
+            f"({processes} process(es)); use a multiple of {devices}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """Maps per-replica functions over the mesh with the chosen backend."""
+
+    mesh: Mesh
+    backend: str = "shard_map"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"parallel.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def num_replicas(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def replicated_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(DATA_AXIS))
+
+    def replicate(self, tree: Any) -> Any:
+        """Place a tree (train state, dataset) on every device in the backend's layout."""
+        if self.backend == "pmap":
+            return jax.device_put_replicated(tree, list(self.mesh.devices.flat))
+        return jax.device_put(tree, self.replicated_sharding)
+
+    def unreplicate(self, tree: Any) -> Any:
+        """One logical copy of a replicated tree (for checkpoints and evaluation)."""
+        if self.backend == "pmap":
+            return jax.tree.map(lambda x: x[0], tree)
+        return tree
+
+    def map(
+        self,
+        fn: Callable,
+        *,
+        sharded_args: Sequence[bool],
+        sharded_outputs: Any = False,
+        donate_argnums: Sequence[int] = (),
+    ) -> Callable:
+        """Map a per-replica function.
+
+        sharded_args[i] says whether argument i is a batch (split on its leading axis) or replicated;
+        sharded_outputs is a pytree prefix of the outputs with the same meaning. Replicated outputs
+        must really be equal on every replica (after a pmean); batch outputs come back as global
+        arrays sharded on their leading axis.
+        """
+        if self.backend == "pmap":
+            return self._map_pmap(fn, sharded_args, sharded_outputs, tuple(donate_argnums))
+        spec = lambda sharded: P(DATA_AXIS) if sharded else P()
+        in_specs = tuple(spec(s) for s in sharded_args)
+        out_specs = jax.tree.map(spec, sharded_outputs)
+        mapped = jax.shard_map(
+            fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
+        return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
+
+    def _map_pmap(self, fn, sharded_args, sharded_outputs, donate_argnums):
+        devices = list(self.mesh.devices.flat)
+        pmapped = jax.pmap(fn, axis_name=DATA_AXIS, devices=devices, donate_argnums=donate_argnums)
+        n = len(devices)
+
+        def split(x):  # [B, ...] global batch -> [devices, B / devices, ...]
+            return jnp.reshape(x, (n, x.shape[0] // n) + x.shape[1:])
+
+        def merge(x):  # [devices, b, ...] -> [devices * b, ...]
+            return jnp.reshape(x, (n * x.shape[1],) + x.shape[2:])
+
+        def call(*args):
+            args = [jax.tree.map(split, a) if s else a for a, s in zip(args, sharded_args)]
+            outs = pmapped(*args)
+            return jax.tree.map(
+                lambda s, o: jax.tree.map(merge if s else (lambda x: x), o),
+                sharded_outputs,
+                outs,
+            )
+
+        return call
+
+    def first(self, tree: Any) -> Any:
+        """Replicated outputs (metrics) as one copy, whatever the backend."""
+        return self.unreplicate(tree)

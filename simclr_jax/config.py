@@ -32,7 +32,8 @@ def dataset_config() -> ConfigDict:
 def augment_config() -> ConfigDict:
     """SimCLR augmentations (reference values; applied on the accelerator inside the step)."""
     c = ConfigDict()
-    c.color_jitter_strength = 1.0  # s: brightness/contrast/saturation 0.8s, hue 0.2s (0.5 for CIFAR).
+    # s: brightness, contrast, saturation 0.8s and hue 0.2s (1.0 ImageNet, 0.5 CIFAR).
+    c.color_jitter_strength = 1.0
     c.use_blur = True  # Gaussian blur p=0.5, sigma in [0.1, 2]; off at 32 px and below (reference).
     c.crop_min_area = 0.08  # smallest area fraction of the random-resized crop.
     c.flip = True  # random horizontal flip.
@@ -90,7 +91,9 @@ def pretrain_config() -> ConfigDict:
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
     c.num_epochs = 100.0  # training length in epochs of the training split.
     c.num_steps = 0  # if > 0, overrides num_epochs.
-    c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params, BN stats, loss stay fp32).
+    c.dtype = (
+        "float32"  # compute dtype: 'float32' or 'bfloat16' (params, BN stats, loss stay fp32).
+    )
 
     c.parallel = ConfigDict()
     c.parallel.backend = "shard_map"  # 'shard_map' (jax.shard_map under jax.jit) or 'pmap'.

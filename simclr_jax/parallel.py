@@ -72,7 +72,9 @@ class DataParallel:
     def replicate(self, tree: Any) -> Any:
         """Place a tree (train state, dataset) on every device in the backend's layout."""
         if self.backend == "pmap":
-            return jax.device_put_replicated(tree, list(self.mesh.devices.flat))
+            n = self.num_replicas
+            stack = lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x))
+            return jax.device_put(jax.tree.map(stack, tree), self.batch_sharding)
         return jax.device_put(tree, self.replicated_sharding)
 
     def unreplicate(self, tree: Any) -> Any:
@@ -118,7 +120,9 @@ class DataParallel:
             return jnp.reshape(x, (n * x.shape[1],) + x.shape[2:])
 
         def call(*args):
-            args = [jax.tree.map(split, a) if s else a for a, s in zip(args, sharded_args)]
+            args = [
+                jax.tree.map(split, a) if s else a for a, s in zip(args, sharded_args, strict=True)
+            ]
             outs = pmapped(*args)
             return jax.tree.map(
                 lambda s, o: jax.tree.map(merge if s else (lambda x: x), o),

@@ -21,14 +21,14 @@ PRESETS = {
 def parse(argv):
     """Parse `--config=...` overrides with a fresh flag registry, as an entry point would."""
     registry = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config", flag_values=registry, lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "config", flag_values=registry, lock_config=True
+    )
     registry(["prog", *argv])
     return registry.config
 
 
-@pytest.mark.parametrize(
-    "file,preset", [(f, p) for f, presets in PRESETS.items() for p in presets]
-)
+@pytest.mark.parametrize("file,preset", [(f, p) for f, presets in PRESETS.items() for p in presets])
 def test_every_preset_loads(file, preset):
     spec = f"{CONFIGS / file}:{preset}" if preset else str(CONFIGS / file)
     config = parse([f"--config={spec}"])
@@ -71,7 +71,13 @@ app.run(lambda _: print(json.dumps(flags.FLAGS.config.to_dict())))
 def run_cli(*argv):
     """Parse overrides exactly as the entry points do (absl app + config_flags) in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-c", CLI, f"--config={CONFIGS / 'pretrain_fashion_mnist.py'}:tiny", *argv],
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            f"--config={CONFIGS / 'pretrain_fashion_mnist.py'}:tiny",
+            *argv,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,0 +1,10 @@
+"""Data: sources (local Fashion-MNIST, tfds, image folders, arrays), on-device SimCLR augmentation,
+and the batch pipelines (device-resident training data, padded exact-eval batches).
+
+tensorflow / tensorflow_datasets are imported only inside `tfds_source`, and only when it is used.
+"""
+
+from simclr_jax.data.arrays import ImageArrays, from_arrays
+from simclr_jax.data.sources import load_split
+
+__all__ = ["ImageArrays", "from_arrays", "load_split"]

@@ -1,0 +1,100 @@
+"""Your own images from a folder: one subfolder per class (labelled) or a flat folder (unlabelled).
+
+Meant for small data that fits in memory: every image is decoded with PIL, resized so its shorter
+side is `image_size` and centre-cropped to a square. Files PIL cannot read are counted and reported;
+they are skipped unless `strict=True`, so one corrupt JPEG among thousands does not stop a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderContents:
+    """Decoded images with labels (None for a flat folder), class names and the files skipped."""
+
+    images: np.ndarray  # uint8 [N, S, S, C]
+    labels: np.ndarray | None  # int32 [N]
+    class_names: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]  # (path, reason)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_files(root: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+    """(path, label) pairs, labels from sorted subfolder names; label -1 for a flat folder."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    entries = sorted(os.listdir(root))
+    class_names = tuple(e for e in entries if os.path.isdir(os.path.join(root, e)))
+    if class_names:
+        files = []
+        for label, name in enumerate(class_names):
+            class_dir = os.path.join(root, name)
+            for dirpath, dirnames, filenames in os.walk(class_dir):
+                dirnames.sort()
+                names = [f for f in sorted(filenames) if _is_image(f)]
+                files += [(os.path.join(dirpath, f), label) for f in names]
+        return files, class_names
+    return [(os.path.join(root, e), -1) for e in entries if _is_image(e)], ()
+
+
+def decode_square(path: str, image_size: int, channels: int) -> np.ndarray:
+    """Decode one file to uint8 [S, S, C]: shorter side resized to S (bicubic), centre crop."""
+    from PIL import Image  # PIL is only needed for image folders.
+
+    with Image.open(path) as img:
+        img = img.convert("RGB" if channels == 3 else "L")
+        width, height = img.size
+        scale = image_size / min(width, height)
+        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+        img = img.crop((left, top, left + image_size, top + image_size))
+        array = np.asarray(img, dtype=np.uint8)
+    return array.reshape(image_size, image_size, channels)
+
+
+def load_folder(
+    root: str, *, image_size: int, channels: int = 3, strict: bool = False
+) -> FolderContents:
+    """Decode every image under `root`; unreadable files are skipped and reported, or fatal."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    files, class_names = list_files(root)
+    images, labels, skipped = [], [], []
+    for path, label in files:
+        try:
+            images.append(decode_square(path, image_size, channels))
+        except Exception as err:  # PIL raises many types for bad files; all mean "unreadable".
+            if strict:
+                raise ValueError(f"cannot decode image {path}: {err}") from err
+            skipped.append((path, f"{type(err).__name__}: {err}"))
+            continue
+        labels.append(label)
+    if skipped:
+        logging.warning(
+            "image folder %s: skipped %d unreadable file(s), e.g. %s",
+            root, len(skipped), skipped[0],
+        )  # fmt: skip
+    if not images:
+        raise ValueError(f"image folder {root!r} holds no readable images ({len(skipped)} skipped)")
+    return FolderContents(
+        images=np.stack(images),
+        labels=np.asarray(labels, np.int32) if class_names else None,
+        class_names=class_names,
+        skipped=tuple(skipped),
+    )

@@ -1,0 +1,111 @@
+"""The composed SimCLR model: ResNet backbone -> projection head -> linear classifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simclr_jax.models.heads import ProjectionHead, linear_classifier, num_head_layers
+from simclr_jax.models.resnet import STAGE_NAMES, ResNet
+
+FINE_TUNE_AFTER_BLOCK_RANGE = range(-1, len(STAGE_NAMES))  # -1 (nothing frozen) .. 4
+
+
+class SimCLRModel(nn.Module):
+    """SimCLR v1/v2 network.
+
+    Outputs (dict): 'stem', 'block_group1'..'block_group4' (compute dtype), 'features' (pooled,
+    float32), 'head_0' (= features) .. 'head_K' (each projection layer), 'projection' (= 'head_K'),
+    'logits'. The classifier reads ``head_<ft_proj_selector>``; ``classifier_stop_gradient`` keeps
+    an online linear probe from training the encoder during pretraining.
+    """
+
+    depth: int = 50
+    width_multiplier: int = 1
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
+    cifar_stem: bool = False
+    base_width: int = 64
+    proj_head_mode: str = "nonlinear"
+    num_proj_layers: int = 3
+    proj_out_dim: int = 128
+    num_classes: int = 10
+    ft_proj_selector: int = 0
+    classifier_stop_gradient: bool = False
+    zero_init_logits_layer: bool = False
+    fine_tune_after_block: int = -1
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        num_layers = num_head_layers(self.proj_head_mode, self.num_proj_layers)
+        if not 0 <= self.ft_proj_selector <= num_layers:
+            raise ValueError(
+                f"ft_proj_selector must be in 0..{num_layers} for proj_head_mode="
+                f"{self.proj_head_mode!r} with num_proj_layers={self.num_proj_layers}, "
+                f"got {self.ft_proj_selector}"
+            )
+        norm_kwargs = dict(
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+        )
+        outputs = ResNet(
+            depth=self.depth,
+            width_multiplier=self.width_multiplier,
+            sk_ratio=self.sk_ratio,
+            se_ratio=self.se_ratio,
+            cifar_stem=self.cifar_stem,
+            base_width=self.base_width,
+            fine_tune_after_block=self.fine_tune_after_block,
+            name="backbone",
+            **norm_kwargs,
+        )(images, train=train)
+        hiddens = ProjectionHead(
+            proj_head_mode=self.proj_head_mode,
+            num_proj_layers=self.num_proj_layers,
+            proj_out_dim=self.proj_out_dim,
+            name="head",
+            **norm_kwargs,
+        )(outputs["features"], train=train)
+        for k, hidden in enumerate(hiddens):
+            outputs[f"head_{k}"] = hidden
+        outputs["projection"] = hiddens[-1]
+
+        classifier_input = hiddens[self.ft_proj_selector]
+        if self.classifier_stop_gradient:
+            classifier_input = jax.lax.stop_gradient(classifier_input)
+        classifier = linear_classifier(self.num_classes, zero_init=self.zero_init_logits_layer)
+        outputs["logits"] = classifier(classifier_input)
+        return outputs
+
+
+def frozen_mask(tree: Any, fine_tune_after_block: int) -> Any:
+    """Pytree of bools, True for leaves inside a frozen backbone stage (stem .. block_group<k>).
+
+    Works on ``params``, ``batch_stats`` or the whole variables dict (it matches the path
+    ``.../backbone/<stage>/...``). Use it to zero the optimizer's updates of frozen stages: the
+    model's stop_gradient zeroes their gradients, but weight decay would still shrink them.
+    """
+    if fine_tune_after_block not in FINE_TUNE_AFTER_BLOCK_RANGE:
+        raise ValueError(
+            f"fine_tune_after_block must be in -1..{len(STAGE_NAMES) - 1}, "
+            f"got {fine_tune_after_block!r}"
+        )
+    frozen_stages = set(STAGE_NAMES[: fine_tune_after_block + 1])
+
+    def is_frozen(path: tuple[Any, ...], _: Any) -> bool:
+        keys = [getattr(entry, "key", None) for entry in path]
+        return any(
+            outer == "backbone" and inner in frozen_stages
+            for outer, inner in zip(keys, keys[1:], strict=False)
+        )
+
+    return jax.tree_util.tree_map_with_path(is_frozen, tree)

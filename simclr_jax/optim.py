@@ -1,0 +1,165 @@
+"""Learning-rate rules and schedules, the optimizers (LARS/momentum/Adam/AdamW) and their masks.
+
+Everything numeric is optax's; this module only chooses, masks and validates, following the
+reference SimCLR: LARS with the learning rate inside the momentum buffer, weight decay and trust
+ratio skipping biases and BatchNorm parameters, the classifier decayed but without trust ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import optax
+
+LR_SCALINGS = ("linear", "sqrt")
+OPTIMIZERS = ("lars", "momentum", "adam", "adamw")
+CLASSIFIER = "classifier"
+
+
+def scaled_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:
+    """The reference's batch-size rule: 'linear' base_lr * B / 256, 'sqrt' base_lr * sqrt(B)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive; got {batch_size}")
+    if scaling == "linear":
+        return base_lr * batch_size / 256.0
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    raise ValueError(f"optim.lr_scaling must be one of {LR_SCALINGS}; got {scaling!r}")
+
+
+def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to 0 at `total_steps` (the reference formula).
+
+    lr(step) = peak * step / warmup                                      for step < warmup
+             = peak * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))   afterwards
+    If warmup_steps >= total_steps the run never leaves the warmup line (as the reference formula
+    gives), so short smoke runs with epoch-based warmup still work.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive; got {total_steps}")
+    if warmup_steps < 0:
+        raise ValueError(
+            f"warmup_steps (from optim.warmup_epochs) must be >= 0; got {warmup_steps}"
+        )
+    if warmup_steps >= total_steps:
+        return optax.linear_schedule(0.0, peak_lr, transition_steps=warmup_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak_lr,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=0.0,
+    )
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+    return [_key_name(key) for key in path]
+
+
+def _is_batch_norm(names: list[str]) -> bool:
+    """A BatchNorm parameter: a module named '*BatchNorm*' or 'bn*', or a normalisation 'scale'."""
+    modules, leaf = names[:-1], names[-1]
+    return leaf == "scale" or any(
+        "batchnorm" in module.lower() or module.lower().startswith("bn") for module in modules
+    )
+
+
+def _decays(names: list[str]) -> bool:
+    return names[-1] != "bias" and not _is_batch_norm(names)
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for weights (conv/dense kernels, the classifier's included); False for biases and BN.
+
+    Works on any params pytree (dicts or FrozenDicts, with optax.MaskedNode holes), so it can be
+    handed to optax as a callable as well as called once on the parameters.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: _decays(_path_names(path)), params)
+
+
+def trust_ratio_mask(params: Any) -> Any:
+    """Like `weight_decay_mask`, but False under the top-level 'classifier' (no LARS adaptation)."""
+
+    def adapts(path: tuple[Any, ...], _: Any) -> bool:
+        names = _path_names(path)
+        return _decays(names) and names[0] != CLASSIFIER
+
+    return jax.tree_util.tree_map_with_path(adapts, params)
+
+
+def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
+    if callable(learning_rate):
+        return
+    if not float(learning_rate) > 0:
+        raise ValueError(f"learning_rate must be positive; got {learning_rate}")
+
+
+def _base_optimizer(
+    optim_config: Any, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+    name = optim_config.name
+    weight_decay = float(optim_config.get("weight_decay", 0.0))
+    if weight_decay < 0:
+        raise ValueError(f"optim.weight_decay must be >= 0; got {weight_decay}")
+    if name == "lars":
+        return optax.lars(
+            learning_rate,
+            weight_decay=weight_decay,
+            weight_decay_mask=weight_decay_mask,
+            trust_coefficient=optim_config.get("trust_coefficient", 1e-3),
+            trust_ratio_mask=trust_ratio_mask,
+            momentum=optim_config.get("momentum", 0.9),
+        )
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)
+    if name == "momentum":
+        inner = optax.sgd(learning_rate, momentum=optim_config.get("momentum", 0.9))
+    elif name == "adam":
+        inner = optax.adam(learning_rate)
+    else:
+        raise ValueError(f"optim.name must be one of {OPTIMIZERS}; got {name!r}")
+    if weight_decay == 0:
+        return inner
+    # L2 added to the gradient before momentum/Adam, as the reference's momentum optimizer does
+    # (there weight decay is an l2 loss term); same masks as LARS.
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask), inner)
+
+
+def make_optimizer(
+    optim_config: Any,
+    params: Any,
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    frozen: Any | None = None,
+) -> optax.GradientTransformation:
+    """The optimizer named by `optim_config.name` ('lars', 'momentum', 'adam', 'adamw').
+
+    optim_config fields read: name, weight_decay, momentum, trust_coefficient (ml_collections
+    ConfigDict or anything with `.name` and `.get`). Masks come from the parameter paths (see
+    `weight_decay_mask`, `trust_ratio_mask`).
+
+    frozen: optional pytree of bools over `params` (True = frozen, e.g. models.frozen_mask). Frozen
+    parameters get exactly zero updates and no optimizer state (optax.multi_transform with
+    set_to_zero), so neither weight decay nor momentum can move them.
+    """
+    _check_learning_rate(learning_rate)
+    optimizer = _base_optimizer(optim_config, learning_rate)
+    if frozen is None:
+        return optimizer
+    try:
+        jax.tree.map(lambda _flag, _subtree: None, frozen, params)
+    except ValueError as error:
+        raise ValueError(
+            "frozen must be a pytree of bools with the structure of params (or a prefix of it)"
+        ) from error
+    labels = jax.tree.map(lambda is_frozen: "frozen" if is_frozen else "trainable", frozen)
+    return optax.multi_transform({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)

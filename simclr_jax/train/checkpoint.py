@@ -1,0 +1,262 @@
+"""Checkpoints: orbax's CheckpointManager, plus the checks a training run needs around it.
+
+Each step directory holds two items: 'state' (the TrainState arrays, saved asynchronously from
+every process) and 'config' (the resolved run config as JSON, so a checkpoint says how it was
+made). Before restoring we compare the checkpoint's tree metadata with the target, so a
+checkpoint from another architecture fails with the offending parameter paths instead of an
+opaque tensorstore error. If the newest step cannot be read (a half-deleted or corrupt
+directory; orbax already hides uncommitted tmp directories), we fall back to the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+STATE = "state"
+CONFIG = "config"
+_MAX_LISTED_PATHS = 20
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's parameter tree does not match the model it is restored into."""
+
+
+class CheckpointManager:
+    """Saves and restores a TrainState under `workdir/checkpoints`, keeping the newest `keep`.
+
+    `save_every` is orbax's save interval: `save(step, ...)` writes only when `step` is a
+    multiple of it, when it is the run's first checkpoint, on a preemption signal, or with
+    `force=True`. Saves are asynchronous; call `wait()` before reading the
+    files and `close()` at the end. Every process must call `save`/`restore` (orbax coordinates).
+    """
+
+    def __init__(
+        self,
+        workdir: epath.PathLike,
+        *,
+        keep: int = 3,
+        save_every: int = 1,
+        config: Any = None,
+        async_save: bool = True,
+    ):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (checkpoints to keep), got {keep}")
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1 (steps between saves), got {save_every}")
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self._config = None if config is None else config_to_json_dict(config)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                CONFIG: ocp.JsonCheckpointHandler(),
+            },
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                save_interval_steps=save_every,
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when there is no checkpoint yet."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        """Starts saving `state` at `step` (if due or forced); returns whether a save started."""
+        items = {STATE: ocp.args.StandardSave(state)}
+        if self._config is not None:
+            items[CONFIG] = ocp.args.JsonSave(self._config)
+        return self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, target: Any, step: int | None = None) -> Any:
+        """The state saved at `step` (default: newest readable), laid out like `target`.
+
+        `target` is a state of arrays or of `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`);
+        restored arrays take its shardings and dtypes, so a mesh-replicated target gives
+        mesh-replicated arrays. Static fields (the optimizer) come from `target`.
+        """
+        abstract = abstract_tree(target)
+
+        def restore_step(manager: ocp.CheckpointManager, at: int) -> Any:
+            where = f"step {at} in {manager.directory}"
+            check_compatible(_saved_tree(manager, at), abstract, where=where)
+            args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)})
+            return manager.restore(at, args=args)[STATE]
+
+        return _restore_with_fallback(self._manager, step, restore_step)
+
+    def config(self, step: int | None = None) -> dict | None:
+        """The run config saved with `step` (default newest), or None if none was saved."""
+        step = self.latest_step() if step is None else step
+        if step is None or not (self.directory / str(step) / CONFIG).exists():
+            return None
+        args = ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
+        return self._manager.restore(step, args=args)[CONFIG]
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def restore_weights(
+    workdir: epath.PathLike, target: Mapping[str, Any], *, step: int | None = None
+) -> dict[str, Any]:
+    """Only the model variables (e.g. {'params', 'batch_stats'}) from a pretraining checkpoint.
+
+    For fine-tuning: step and optimizer state are not read. `workdir` is the pretraining workdir
+    (or its `checkpoints` folder). Every leaf of `target` must exist in the checkpoint with the
+    same shape; checkpoint entries that `target` lacks are ignored, so leave out a subtree (say
+    'classifier') to keep it freshly initialised and merge it back yourself.
+    """
+    directory = epath.Path(workdir)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {directory}")
+    abstract = abstract_tree(dict(target))
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+
+    def restore_step(manager: ocp.CheckpointManager, at: int) -> Any:
+        check_compatible(
+            _saved_tree(manager, at), abstract, where=f"step {at} of {directory}", partial=True
+        )
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        args = ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True
+        )
+        return manager.restore(at, args=ocp.args.Composite(**{STATE: args}))[STATE]
+
+    try:
+        return _restore_with_fallback(manager, step, restore_step)
+    finally:
+        manager.close()
+
+
+def abstract_tree(tree: Any) -> Any:
+    """`tree` with every array replaced by a ShapeDtypeStruct that keeps its sharding."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def config_to_json_dict(config: Any) -> dict:
+    """A JSON-safe dict of a ConfigDict (or mapping); values JSON cannot hold become strings."""
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def check_compatible(saved: Any, target: Any, *, where: str = "", partial: bool = False) -> None:
+    """Raises CheckpointMismatchError naming paths missing, unexpected or of another shape.
+
+    `saved` is the checkpoint's metadata tree (leaves with `.shape`), `target` the tree to
+    restore into. With `partial`, checkpoint entries absent from the target are fine.
+    """
+    saved_shapes = flat_shapes(saved)
+    target_shapes = flat_shapes(target)
+    if partial:
+        saved_shapes = _restrict_to_prefixes(saved_shapes, target_shapes)
+    missing = sorted(target_shapes.keys() - saved_shapes.keys(), key=_model_first)
+    unexpected = saved_shapes.keys() - target_shapes.keys() if not partial else set()
+    unexpected = sorted(unexpected, key=_model_first)
+    reshaped = [
+        f"{path} (checkpoint {saved_shapes[path]}, model {target_shapes[path]})"
+        for path in sorted(saved_shapes.keys() & target_shapes.keys(), key=_model_first)
+        if saved_shapes[path] != target_shapes[path]
+    ]
+    if not (missing or unexpected or reshaped):
+        return
+    lines = [f"checkpoint {where} does not match the model (another architecture or config?)"]
+    for title, paths in (
+        ("missing in the checkpoint", missing),
+        ("in the checkpoint but not in the model", unexpected),
+        ("shape differs", reshaped),
+    ):
+        if paths:
+            lines.append(f"  {title} ({len(paths)}):")
+            lines += [f"    {p}" for p in paths[:_MAX_LISTED_PATHS]]
+            if len(paths) > _MAX_LISTED_PATHS:
+                lines.append(f"    ... and {len(paths) - _MAX_LISTED_PATHS} more")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'params/backbone/stem/conv/kernel': shape, ...} for arrays, abstract arrays or metadata.
+
+    Paths use plain key names, so a TrainState's attribute keys and the checkpoint's dict keys
+    (and tuple indices vs list indices) compare equal.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", np.shape(leaf)))
+        for path, leaf in flat
+    }
+
+
+def _model_first(path: str) -> tuple[int, str]:
+    """Sort key listing params, then batch_stats, then the rest (optimizer state mirrors params)."""
+    order = {"params": 0, "batch_stats": 1}
+    return order.get(path.split("/")[0], 2), path
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _restrict_to_prefixes(saved: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """Keeps the saved paths under the target's top-level keys (e.g. 'params/', 'batch_stats/')."""
+    roots = {path.split("/")[0] for path in target}
+    return {path: shape for path, shape in saved.items() if path.split("/")[0] in roots}
+
+
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
+    metadata = manager.item_metadata(step)[STATE]
+    if metadata is None:
+        raise FileNotFoundError(f"no readable {STATE!r} item at step {step}")
+    return getattr(metadata, "tree", metadata)
+
+
+def _restore_with_fallback(manager: ocp.CheckpointManager, step: int | None, restore_step) -> Any:
+    """Restores `step`, or the newest step that reads, warning about each one skipped."""
+    if step is not None:
+        return restore_step(manager, step)
+    steps: Iterable[int] = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {manager.directory}")
+    first_error = None
+    for at in steps:
+        try:
+            return restore_step(manager, at)
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any unreadable step is skipped, then reported
+            logging.warning("checkpoint step %d is unreadable (%r); trying an older one", at, error)
+            first_error = first_error or error
+    raise RuntimeError(f"no readable checkpoint in {manager.directory}") from first_error

@@ -1,0 +1,254 @@
+"""Optimizers, masks and schedules against NumPy references of the published algorithms."""
+
+from __future__ import annotations
+
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from simclr_jax import optim
+
+
+def fake_simclr_params() -> dict:
+    """A SimCLRModel-like parameter tree (paths as the contract names them), tiny shapes."""
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    def bn(channels, gamma=1.0):
+        return {"scale": jnp.full((channels,), gamma), "bias": normal(channels) * 0.1}
+
+    return {
+        "backbone": {
+            "stem": {"Conv_0": {"kernel": normal(3, 3, 1, 4)}, "BatchNorm_0": bn(4)},
+            "block_group1": {
+                "BottleneckBlock_0": {
+                    "Conv_0": {"kernel": normal(1, 1, 4, 4)},
+                    "BatchNorm_0": bn(4),
+                    "Conv_1": {"kernel": normal(3, 3, 4, 4)},
+                    "BatchNorm_1": bn(4, gamma=0.0),  # zero-init last BN of the block
+                    "projection": {"Conv_0": {"kernel": normal(1, 1, 4, 4)}, "bn_proj": bn(4)},
+                }
+            },
+        },
+        "head": {
+            "Dense_0": {"kernel": normal(4, 4)},
+            "BatchNorm_0": bn(4),
+            "Dense_1": {"kernel": jnp.zeros((4, 3))},  # zero norm: LARS must fall back to ratio 1
+            "BatchNorm_1": {"scale": jnp.ones(3)},
+        },
+        "classifier": {"kernel": normal(4, 2), "bias": normal(2)},
+    }
+
+
+KERNELS = {
+    ("backbone", "stem", "Conv_0", "kernel"),
+    ("backbone", "block_group1", "BottleneckBlock_0", "Conv_0", "kernel"),
+    ("backbone", "block_group1", "BottleneckBlock_0", "Conv_1", "kernel"),
+    ("backbone", "block_group1", "BottleneckBlock_0", "projection", "Conv_0", "kernel"),
+    ("head", "Dense_0", "kernel"),
+    ("head", "Dense_1", "kernel"),
+    ("classifier", "kernel"),
+}
+
+
+def _flat(tree) -> dict[tuple[str, ...], object]:
+    return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+def _config(name: str, **overrides) -> ml_collections.ConfigDict:
+    fields = dict(name=name, weight_decay=1e-2, momentum=0.9, trust_coefficient=1e-3)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def _gradients(params, seed: int):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+
+
+def _run(optimizer, params, steps: int):
+    """A few jitted optimizer steps with fresh random gradients; returns the final params."""
+    state = optimizer.init(params)
+    update = jax.jit(optimizer.update)
+    for step in range(steps):
+        updates, state = update(_gradients(params, step), state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+
+def test_scaled_learning_rate_rules_and_errors():
+    assert optim.scaled_learning_rate(0.3, 512, "linear") == pytest.approx(0.6)
+    assert optim.scaled_learning_rate(0.075, 4096, "sqrt") == pytest.approx(0.075 * 64)
+    with pytest.raises(ValueError, match="optim.lr_scaling"):
+        optim.scaled_learning_rate(0.3, 512, "cubic")
+    with pytest.raises(ValueError, match="batch_size"):
+        optim.scaled_learning_rate(0.3, 0, "linear")
+
+
+def reference_lr(step: int, peak: float, total: int, warmup: int) -> float:
+    if step < warmup:
+        return peak * step / warmup
+    return (
+        peak * 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
+    )
+
+
+@pytest.mark.parametrize("total,warmup", [(50, 10), (20, 0), (7, 6)])
+def test_warmup_cosine_schedule_matches_reference_formula(total, warmup):
+    schedule = optim.warmup_cosine_schedule(0.8, total, warmup)
+    steps = np.arange(total + 3)
+    values = np.asarray(jax.vmap(schedule)(steps))
+    expected = [reference_lr(int(s), 0.8, total, warmup) for s in steps]
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-7)
+    assert values[total] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_warmup_longer_than_run_stays_on_warmup_line():
+    schedule = optim.warmup_cosine_schedule(1.0, 5, 10)
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in range(5)], [0, 0.1, 0.2, 0.3, 0.4], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="total_steps"):
+        optim.warmup_cosine_schedule(1.0, 0, 0)
+    with pytest.raises(ValueError, match="warmup"):
+        optim.warmup_cosine_schedule(1.0, 10, -1)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_weight_decay_and_trust_ratio_masks_from_paths():
+    params = fake_simclr_params()
+    decay = _flat(optim.weight_decay_mask(params))
+    trust = _flat(optim.trust_ratio_mask(params))
+    for path in _flat(params):
+        assert decay[path] == (path in KERNELS), path
+        assert trust[path] == (path in KERNELS and path[0] != "classifier"), path
+    # The same masks for a FrozenDict tree.
+    frozen_tree = _flat(optim.weight_decay_mask(flax.core.freeze(params)))
+    assert frozen_tree == decay
+
+
+# ----------------------------------------------------------------------------- LARS
+
+
+def reference_lars(params, grads_per_step, lrs, *, weight_decay, eta, momentum, decay, adapt):
+    """LARS (You et al. 2017) as the reference SimCLR implements it, on flat dicts of arrays.
+
+    g <- g + wd * w (decayed params); trust = eta * ||w|| / ||g|| (adapted params, 1 if either norm
+    is 0); v <- momentum * v + lr * trust * g; w <- w - v.
+    """
+    weights = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    velocity = {k: np.zeros_like(v) for k, v in weights.items()}
+    for grads, lr in zip(grads_per_step, lrs, strict=True):
+        for key, w in weights.items():
+            g = np.asarray(grads[key], np.float64)
+            if decay[key]:
+                g = g + weight_decay * w
+            trust = 1.0
+            if adapt[key]:
+                w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
+                if w_norm > 0 and g_norm > 0:
+                    trust = eta * w_norm / g_norm
+            velocity[key] = momentum * velocity[key] + lr * trust * g
+            weights[key] = w - velocity[key]
+    return weights
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_lars_matches_numpy_reference(schedule):
+    params = fake_simclr_params()
+    learning_rate = (lambda count: 2.0 + 0.5 * count) if schedule else 3.0
+    optimizer = optim.make_optimizer(
+        _config("lars", trust_coefficient=1e-2), params, learning_rate=learning_rate
+    )
+    steps = 4
+    final = _flat(_run(optimizer, params, steps))
+    flat = _flat(params)
+    expected = reference_lars(
+        flat,
+        [_flat(_gradients(params, step)) for step in range(steps)],
+        [learning_rate(s) if schedule else learning_rate for s in range(steps)],
+        weight_decay=1e-2,
+        eta=1e-2,
+        momentum=0.9,
+        decay={k: k in KERNELS for k in flat},
+        adapt={k: k in KERNELS and k[0] != "classifier" for k in flat},
+    )
+    for key, value in final.items():
+        np.testing.assert_allclose(value, expected[key], rtol=2e-5, atol=1e-6, err_msg=str(key))
+        assert not np.allclose(value, flat[key]), key  # every parameter moved
+
+
+def test_momentum_matches_numpy_reference():
+    """optax.sgd: v <- momentum * v + (g + wd * w); w <- w - lr * v (L2 on the decay mask)."""
+    params = fake_simclr_params()
+    optimizer = optim.make_optimizer(_config("momentum"), params, learning_rate=0.1)
+    final = _flat(_run(optimizer, params, 3))
+    flat = _flat(params)
+    for key, w0 in flat.items():
+        w, v = np.asarray(w0, np.float64), 0.0
+        for step in range(3):
+            g = np.asarray(_flat(_gradients(params, step))[key], np.float64)
+            v = 0.9 * v + g + (1e-2 * w if key in KERNELS else 0.0)
+            w = w - 0.1 * v
+        np.testing.assert_allclose(final[key], w, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_adamw_decays_only_masked_params():
+    """With zero gradients AdamW's only move is decoupled decay lr * wd * w, on kernels only."""
+    params = fake_simclr_params()
+    optimizer = optim.make_optimizer(_config("adamw", weight_decay=0.5), params, learning_rate=0.1)
+    state = optimizer.init(params)
+    updates, _ = jax.jit(optimizer.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    for key, update in _flat(updates).items():
+        expected = -0.1 * 0.5 * np.asarray(_flat(params)[key]) if key in KERNELS else 0.0
+        np.testing.assert_allclose(update, expected, rtol=1e-6, atol=1e-8, err_msg=str(key))
+
+
+# ----------------------------------------------------------------------------- frozen, errors
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_frozen_params_never_move(name):
+    params = fake_simclr_params()
+    frozen = jax.tree.map(lambda _: False, params)
+    frozen["backbone"]["stem"] = jax.tree.map(lambda _: True, params["backbone"]["stem"])
+    optimizer = optim.make_optimizer(
+        _config(name, weight_decay=0.1), params, learning_rate=0.5, frozen=frozen
+    )
+    final = _flat(_run(optimizer, params, 2))
+    # Every update rule here is per-parameter, so trainable params move exactly as without freezing
+    # (this also checks that the masks still apply under optax.multi_transform).
+    unfrozen = optim.make_optimizer(_config(name, weight_decay=0.1), params, learning_rate=0.5)
+    final_unfrozen = _flat(_run(unfrozen, params, 2))
+    for key, value in _flat(params).items():
+        if key[:2] == ("backbone", "stem"):
+            np.testing.assert_array_equal(final[key], value, err_msg=str(key))
+        else:
+            assert not np.allclose(final[key], value), key
+            np.testing.assert_allclose(final[key], final_unfrozen[key], rtol=1e-6, atol=1e-7)
+
+
+def test_make_optimizer_errors():
+    params = fake_simclr_params()
+    with pytest.raises(ValueError, match=r"optim\.name.*lars"):
+        optim.make_optimizer(_config("rmsprop"), params, learning_rate=0.1)
+    for bad_lr in (0.0, -1.0):
+        with pytest.raises(ValueError, match="learning_rate"):
+            optim.make_optimizer(_config("lars"), params, learning_rate=bad_lr)
+    with pytest.raises(ValueError, match="weight_decay"):
+        optim.make_optimizer(_config("lars", weight_decay=-1.0), params, learning_rate=0.1)
+    with pytest.raises(ValueError, match="frozen"):
+        optim.make_optimizer(_config("lars"), params, learning_rate=0.1, frozen={"backbone": True})

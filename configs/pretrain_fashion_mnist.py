@@ -53,5 +53,7 @@ def get_config(arg: str | None = None):
         c.log_every_steps = 2
         c.checkpoint_every_steps = 2
     else:
-        raise ValueError(f"unknown preset {preset!r} for pretrain_fashion_mnist: demo, resnet18, tiny")
+        raise ValueError(
+            f"unknown preset {preset!r} for pretrain_fashion_mnist: demo, resnet18, tiny"
+        )
     return base.lock(c)

@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from simclr_jax import losses, parallel
+from simclr_jax import distributed, losses, parallel
 from simclr_jax.data import augment, sources
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.models import build_model
@@ -244,6 +244,7 @@ def evaluate_split(dp, model, config, arrays, state) -> dict[str, float]:
 def main(argv) -> None:
     del argv
     logging.getLogger().setLevel(logging.INFO)
+    distributed.initialize()
     flag_values = flags.FLAGS
     results = train_and_evaluate(
         flag_values.config, flag_values.workdir, stop_at_step=flag_values.stop_at_step

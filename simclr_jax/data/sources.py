@@ -55,6 +55,7 @@ def _folder(dataset_config, split: str) -> ImageArrays:
         directory,
         image_size=dataset_config.image_size,
         channels=dataset_config.get("channels", 3),
+        strict=dataset_config.get("bad_images", "skip") == "error",
     )
     keep = splits.slice_for(split, contents.images.shape[0])
     labels = None if contents.labels is None else contents.labels[keep]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from simclr_jax.train import metrics as metrics_lib
 
@@ -54,13 +54,37 @@ def preemption_flag() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+def guard_nonfinite(step_fn: Callable, *, skip: bool) -> Callable:
+    """Wrap a per-replica step to flag (and optionally drop) updates that are not finite.
+
+    A step is bad when its loss or the updated parameters hold NaN/inf. The parameters matter as much
+    as the loss: the loss of step k is computed before its update, so a blown-up update would only
+    show one step later, after it could have been checkpointed. The flag comes from replica-averaged
+    values, so every replica agrees. With skip=True a bad step keeps the old state (the step counter
+    still advances, so data and augmentation stay tied to the step number).
+    """
+
+    def guarded(state, batch):
+        new_state, step_metrics = step_fn(state, batch)
+        finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(
+            optax.global_norm(new_state.params)
+        )
+        step_metrics = dict(step_metrics, nonfinite=1.0 - finite.astype(jnp.float32))
+        if skip:
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+            new_state = kept.replace(step=new_state.step)
+        return new_state, step_metrics
+
+    return guarded
+
+
 def first_nonfinite_step(history: list[dict[str, jax.Array]], first_step: int) -> int | None:
-    """Step number of the first logged loss that is NaN or infinite (one host copy)."""
-    if not history:
+    """Step number of the first step flagged by guard_nonfinite (one host copy)."""
+    if not history or "nonfinite" not in history[0]:
         return None
-    losses = jax.device_get(jnp.stack([h["loss"] for h in history]))
-    for offset, value in enumerate(losses.reshape(len(history), -1)[:, 0]):
-        if not math.isfinite(float(value)):
+    flags = jax.device_get(jnp.stack([h["nonfinite"] for h in history]))
+    for offset, flag in enumerate(flags.reshape(len(history), -1)[:, 0]):
+        if flag > 0:
             return first_step + offset
     return None
 
@@ -85,11 +109,14 @@ def run(
     progress: metrics_lib.Progress,
     learning_rate: Callable[[int], Any],
     workdir: str,
+    stop_on_nonfinite: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Run steps start_step..settings.end_step; returns the state and the latest metrics.
 
     `first` turns a replicated output into one copy (the backend's unreplicate); `save(step, state)`
     checkpoints. Results (the last training metrics, every evaluation) go to workdir/results.json.
+    Steps wrapped by guard_nonfinite report bad updates: with stop_on_nonfinite the loop raises
+    NonFiniteLossError before such a state is saved; otherwise the step has dropped them itself.
     """
     results: dict[str, Any] = {}
     pending: list[dict[str, jax.Array]] = []
@@ -99,15 +126,19 @@ def run(
             state, step_metrics = train_step(state, batch_for_step(step))
             pending.append(first(step_metrics))
             done = step + 1
-            last = done == settings.end_step or bool(signals)
+            # One snapshot per step: a signal arriving later in this iteration is seen next step
+            # (or right after the loop), never between the save decision and the exit.
+            stopping = bool(signals)
+            last = done == settings.end_step or stopping
             save_now = done % settings.checkpoint_every == 0 or last
             if done % settings.log_every == 0 or save_now:
                 bad = first_nonfinite_step(pending, interval_start + 1)
-                if bad is not None:
+                if bad is not None and stop_on_nonfinite:
                     raise NonFiniteLossError(
-                        f"loss is not finite at step {bad}; stopping. The last checkpoint "
-                        f"(before step {interval_start + 1}) is kept; lower the learning rate or "
-                        "enable skipping non-finite steps"
+                        f"the loss or the parameters became NaN/inf at step {bad}; stopping "
+                        f"without saving it. The last checkpoint (step <= {interval_start}) is "
+                        "kept. Lower the learning rate, or set --config.nonfinite=skip to drop "
+                        "such steps"
                     )
                 summary = mean_metrics(pending)
                 summary["learning_rate"] = float(learning_rate(step))
@@ -124,7 +155,7 @@ def run(
                 results.update(eval_metrics)
             if save_now or eval_now:
                 metrics_lib.write_results_json(workdir, results, done)
-            if signals:
+            if stopping:
                 logging.warning(
                     "Received signal %d: stopped after step %d with a checkpoint; rerun the same "
                     "command to resume.",

@@ -10,6 +10,8 @@ Presets:
   rDEPTH_Wx_skS        SimCLRv2 (r50_1x_sk0 ... r152_3x_sk1): 3-layer head, batch 4096, LARS lr 0.1 with
                        sqrt scaling (6.4), weight decay 1e-4, temperature 0.1, 800 epochs;
                        sk1 = selective kernels with ratio 0.0625 (and the ResNet-D stem and shortcut).
+                       All v2 presets use the memory of negatives (config.memory): an EMA network
+                       (decay 0.999) fills a 65,536-entry queue of extra negatives.
 """
 
 import re
@@ -54,6 +56,9 @@ def get_config(arg: str | None = None):
         c.optim.lr_scaling = "sqrt"
         c.optim.weight_decay = 1e-4
         c.num_epochs = 800.0
+        c.memory.enabled = True  # SimCLRv2's MoCo-style memory: 64K queue, EMA decay 0.999.
+        c.memory.size = 65536
+        c.memory.ema_decay = 0.999
     else:
         raise ValueError(
             f"unknown preset {preset!r} for pretrain_imagenet: v1 or rDEPTH_Wx_skS "

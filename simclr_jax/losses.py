@@ -43,6 +43,7 @@ def nt_xent(
     normalize: bool = True,
     axis_name: str | None = None,
     memory: jax.Array | None = None,
+    memory_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SimCLR's normalised-temperature cross-entropy (NT-Xent), as the reference
     `add_contrastive_loss` defines it.
@@ -74,6 +75,10 @@ def nt_xent(
     replica. Appended as M extra logit columns in both directions, never a positive; no
     gradient flows into it (stop_gradient). With `normalize` it is L2-normalised here like z
     (idempotent, so a queue of already-normalised projections is fine); otherwise used as is.
+    memory_mask: optional [M] bool, False for memory rows that are not negatives (the unfilled
+    slots of a queue that starts empty). Their logits get -LARGE_NUM, as the self-similarity
+    does, so they add exactly nothing to the softmax: the loss equals the loss with only the
+    True rows as memory (and the loss without memory when all are False).
 
     Returns (loss, metrics): 'contrast_acc' is the fraction of z_a views whose most similar z_b
     view is their positive (argmax of the a->b logits), 'contrast_entropy' the mean entropy of
@@ -89,6 +94,12 @@ def nt_xent(
     if memory is not None and (memory.ndim != 2 or memory.shape[1] != z_a.shape[1]):
         raise ValueError(
             f"nt_xent: memory must be [M, {z_a.shape[1]}] (same dim as z); got {memory.shape}"
+        )
+    if memory_mask is not None and (memory is None or memory_mask.shape != memory.shape[:1]):
+        raise ValueError(
+            "nt_xent: memory_mask must be [M] for a memory of M rows; got "
+            f"{getattr(memory_mask, 'shape', None)} with memory "
+            f"{None if memory is None else memory.shape}"
         )
 
     z_a = z_a.astype(jnp.float32)
@@ -116,8 +127,11 @@ def nt_xent(
         negatives = lax.stop_gradient(memory.astype(jnp.float32))
         if normalize:
             negatives = l2_normalize(negatives)
-        logits_a.append(scores(z_a, negatives))
-        logits_b.append(scores(z_b, negatives))
+        unused = 0.0
+        if memory_mask is not None:
+            unused = (1.0 - memory_mask.astype(jnp.float32)) * LARGE_NUM
+        logits_a.append(scores(z_a, negatives) - unused)
+        logits_b.append(scores(z_b, negatives) - unused)
 
     ce = optax.softmax_cross_entropy_with_integer_labels
     loss_a = ce(jnp.concatenate(logits_a, axis=1), labels)

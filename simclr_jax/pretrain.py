@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from simclr_jax import distributed, losses, parallel
+from simclr_jax import distributed, losses, memory, parallel, validation
 from simclr_jax.data import augment, sources
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.models import build_model
@@ -31,35 +31,50 @@ from simclr_jax.train.state import TrainState
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def make_gradient_fn(model, config: ml_collections.ConfigDict):
-    """Per-replica: two views, NT-Xent over all replicas plus the probe; grads averaged over replicas."""
+def make_views_fn(config: ml_collections.ConfigDict):
+    """Per-replica: the two augmented views of this replica's uint8 images at a step."""
     seed_key = jax.random.key(config.seed)
     aug = config.augment
-    image_size = config.dataset.image_size
 
-    def gradients(state: TrainState, batch: dict[str, jax.Array]):
-        local_batch = batch["image"].shape[0]
+    def views(step: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        local_batch = images.shape[0]
         # Keys per example (seed, step, global index): the views do not depend on the device count.
         example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
-        view_a, view_b = augment.simclr_views(
-            jax.random.fold_in(seed_key, state.step),
-            batch["image"],
+        return augment.simclr_views(
+            jax.random.fold_in(seed_key, step),
+            images,
             example_ids,
-            out_size=image_size,
+            out_size=config.dataset.image_size,
             color_strength=aug.color_jitter_strength,
             use_blur=aug.use_blur,
             crop_min_area=aug.crop_min_area,
             flip=aug.flip,
         )
+
+    return views
+
+
+def make_view_gradient_fn(model, config: ml_collections.ConfigDict):
+    """Per-replica gradients from given views (see make_gradient_fn).
+
+    With config.memory.enabled the state is a memory.MemoryTrainState: the queue's valid rows, as
+    they were before this step, are extra NT-Xent negatives.
+    """
+    use_memory = config.memory.enabled
+
+    def gradients(state: TrainState, view_a: jax.Array, view_b: jax.Array, labels: jax.Array):
         images = jnp.concatenate([view_a, view_b])
-        labels = jnp.concatenate([batch["label"], batch["label"]])
+        labels = jnp.concatenate([labels, labels])
+        queue = {}
+        if use_memory:
+            queue = dict(memory=state.memory.queue, memory_mask=state.memory.valid_mask())
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
             out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
             z_a, z_b = jnp.split(out["projection"], 2)
             contrastive, aux = losses.nt_xent(
-                z_a, z_b, temperature=config.loss.temperature, axis_name=DATA_AXIS
+                z_a, z_b, temperature=config.loss.temperature, axis_name=DATA_AXIS, **queue
             )
             # The probe sees stop-gradient features, so it never shapes the representation.
             probe = losses.softmax_cross_entropy(out["logits"], labels)
@@ -76,13 +91,38 @@ def make_gradient_fn(model, config: ml_collections.ConfigDict):
     return gradients
 
 
+def make_gradient_fn(model, config: ml_collections.ConfigDict):
+    """Per-replica: two views, NT-Xent over all replicas plus the probe; grads averaged over replicas."""
+    views = make_views_fn(config)
+    view_gradients = make_view_gradient_fn(model, config)
+
+    def gradients(state: TrainState, batch: dict[str, jax.Array]):
+        view_a, view_b = views(state.step, batch["image"])
+        return view_gradients(state, view_a, view_b, batch["label"])
+
+    return gradients
+
+
 def make_train_step(model, config: ml_collections.ConfigDict):
-    """The per-replica pretraining step: gradients, then the optimizer update (LARS by default)."""
-    gradients = make_gradient_fn(model, config)
+    """The per-replica pretraining step: gradients, then the optimizer update (LARS by default).
+
+    With config.memory.enabled, then the memory update (simclr_jax.memory): the EMA network embeds
+    view b, moves towards the updated weights, and the keys of all replicas enter the queue.
+    """
+    views = make_views_fn(config)
+    view_gradients = make_view_gradient_fn(model, config)
+    use_memory, decay = config.memory.enabled, config.memory.ema_decay
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        grads, aux, batch_stats = gradients(state, batch)
-        return state.apply_gradients(grads, batch_stats), aux
+        view_a, view_b = views(state.step, batch["image"])
+        grads, aux, batch_stats = view_gradients(state, view_a, view_b, batch["label"])
+        new_state = state.apply_gradients(grads, batch_stats)
+        if use_memory:
+            new_memory = memory.update(
+                model, state.memory, view_b, new_state.params, decay=decay, axis_name=DATA_AXIS
+            )
+            new_state = new_state.replace(memory=new_memory)
+        return new_state, aux
 
     return step
 
@@ -98,21 +138,6 @@ def make_predict_step(model, image_size: int):
     return predict
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Reject bad values before anything is loaded or compiled."""
-    if config.loss.temperature <= 0:
-        raise ValueError(f"loss.temperature must be positive, got {config.loss.temperature}")
-    if config.optim.base_lr <= 0:
-        raise ValueError(f"optim.base_lr must be positive, got {config.optim.base_lr}")
-    if config.num_steps < 0 or (config.num_steps == 0 and config.num_epochs <= 0):
-        raise ValueError("set num_epochs > 0 or num_steps > 0")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-        if config[name] <= 0:
-            raise ValueError(f"{name} must be positive, got {config[name]}")
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
 ) -> dict[str, Any]:
@@ -120,7 +145,7 @@ def train_and_evaluate(
 
     stop_at_step ends this run early (with a checkpoint) to fit a time slot; rerunning resumes.
     """
-    validate(config)
+    validation.validate_pretrain(config)
     mesh = parallel.make_mesh()
     dp = parallel.DataParallel(mesh, config.parallel.backend)
     parallel.check_divisible("batch_size", config.batch_size, mesh)
@@ -152,7 +177,9 @@ def train_and_evaluate(
     peak_lr = scaled_learning_rate(config.optim.base_lr, config.batch_size, config.optim.lr_scaling)
     warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
     schedule = warmup_cosine_schedule(peak_lr, total_steps, min(warmup_steps, total_steps))
-    state = init_state(model, config, train_arrays.images.shape[1:], schedule)
+    state = init_state(
+        model, config, train_arrays.images.shape[1:], schedule, sharding=dp.replicated_sharding
+    )
 
     # Resume from the workdir when it holds a checkpoint.
     ckpt = checkpoint.CheckpointManager(
@@ -168,7 +195,7 @@ def train_and_evaluate(
     state = dp.replicate(state)
 
     train_step = dp.map(
-        make_train_step(model, config),
+        loop.guard_nonfinite(make_train_step(model, config), skip=config.nonfinite == "skip"),
         sharded_args=(False, True),
         sharded_outputs=(False, False),
         donate_argnums=(0,),
@@ -210,23 +237,41 @@ def train_and_evaluate(
         progress=progress,
         learning_rate=schedule,
         workdir=workdir,
+        stop_on_nonfinite=config.nonfinite == "stop",
     )
     ckpt.wait()
     ckpt.close()
     return results
 
 
-def init_state(model, config, image_shape, schedule) -> TrainState:
-    """Parameters from the seed, on the host's default device (BN in inference mode: no collectives)."""
+def init_state(model, config, image_shape, schedule, *, sharding=None) -> TrainState:
+    """Parameters from the seed (BN in inference mode: no collectives), placed by `sharding`.
+
+    With a mesh-replicated `sharding` every process compiles one and the same program, which the
+    persistent cache shares (jax writes it from process 0 only); compiled per process, the workers
+    would start a minute behind process 0. Default: the host's default device.
+    """
     size, channels = config.dataset.image_size, image_shape[-1]
     dummy = jnp.zeros((1, size, size, channels), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(
+    variables = jax.jit(functools.partial(model.init, train=False), out_shardings=sharding)(
         jax.random.key(config.seed), dummy
     )
     tx = make_optimizer(config.optim, variables["params"], learning_rate=schedule)
-    return TrainState.create(
+    state = TrainState.create(
         params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
     )
+    if not config.memory.enabled:
+        return state
+    # SimCLRv2's memory: an EMA copy of the weights and an empty queue of projection-sized keys.
+    memory.check_config(config.memory, global_batch=config.batch_size)
+    projection = jax.eval_shape(functools.partial(model.apply, train=False), variables, dummy)
+    bank = memory.create(
+        variables["params"],
+        variables["batch_stats"],
+        size=config.memory.size,
+        dim=projection["projection"].shape[-1],
+    )
+    return memory.attach(state, bank)
 
 
 def evaluate_split(dp, model, config, arrays, state) -> dict[str, float]:

@@ -162,6 +162,21 @@ def test_nt_xent_normalizes_memory_when_normalize():
     np.testing.assert_allclose(loss_unit, loss_scaled, rtol=1e-6)
 
 
+def test_nt_xent_memory_mask_drops_rows():
+    """Masked memory rows (a queue's unfilled slots) are not negatives at all."""
+    za, zb = _projections(15, 3)
+    memory = np.random.default_rng(16).normal(size=(6, za.shape[1])).astype(np.float32)
+    mask = np.array([True, False, True, True, False, False])
+    loss, _ = nt_xent(za, zb, temperature=0.2, memory=memory, memory_mask=mask)
+    ref_loss, _, _ = reference_nt_xent(za, zb, 0.2, memory=memory[mask])
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert abs(ref_loss - reference_nt_xent(za, zb, 0.2, memory=memory)[0]) > 1e-3
+    none_valid, _ = nt_xent(za, zb, temperature=0.2, memory=memory, memory_mask=mask & False)
+    np.testing.assert_allclose(none_valid, reference_nt_xent(za, zb, 0.2)[0], rtol=1e-5)
+    with pytest.raises(ValueError, match="memory_mask"):
+        losses.nt_xent(za, zb, temperature=0.2, memory=memory, memory_mask=mask[:4])
+
+
 def test_nt_xent_rejects_bad_arguments():
     z = np.ones((4, 3), np.float32)
     with pytest.raises(ValueError, match="z_a and z_b"):

@@ -26,6 +26,8 @@ def dataset_config() -> ConfigDict:
     c.train_split = "train"  # split used for training (tfds slicing like 'train[:10%]' works).
     c.eval_split = "test"  # split used for evaluation ('' = no evaluation).
     c.image_size = 28  # side of the square crops the network sees.
+    c.channels = 3  # image folders: 3 = RGB, 1 = grayscale (other sources: fixed by the data).
+    c.bad_images = "skip"  # unreadable images in a folder: 'skip' (counted, reported) or 'error'.
     return c
 
 
@@ -75,6 +77,17 @@ def optim_config() -> ConfigDict:
     return c
 
 
+def memory_config() -> ConfigDict:
+    """SimCLRv2's MoCo-style memory of negatives (semantics in simclr_jax.memory); off for v1."""
+    c = ConfigDict()
+    # Keep a FIFO queue of an EMA network's projections (one view per image, from every replica)
+    # as extra NT-Xent negatives; queue and EMA weights are part of the checkpointed state.
+    c.enabled = False
+    c.size = 65536  # queue length in keys (SimCLRv2: 64K); at least the global batch_size.
+    c.ema_decay = 0.999  # EMA momentum d: ema = d * ema + (1 - d) * params after each update.
+    return c
+
+
 def pretrain_config() -> ConfigDict:
     """Contrastive pretraining with an online linear probe (simclr_jax.pretrain)."""
     c = ConfigDict()
@@ -83,6 +96,7 @@ def pretrain_config() -> ConfigDict:
     c.augment = augment_config()
     c.model = model_config()
     c.optim = optim_config()
+    c.memory = memory_config()
 
     c.loss = ConfigDict()
     c.loss.temperature = 0.1  # NT-Xent temperature tau.
@@ -91,9 +105,10 @@ def pretrain_config() -> ConfigDict:
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
     c.num_epochs = 100.0  # training length in epochs of the training split.
     c.num_steps = 0  # if > 0, overrides num_epochs.
-    c.dtype = (
-        "float32"  # compute dtype: 'float32' or 'bfloat16' (params, BN stats, loss stay fp32).
-    )
+    c.dtype = "float32"  # compute dtype 'float32' or 'bfloat16' (params, BN stats, loss stay fp32).
+    # A NaN/inf loss: 'stop' (error naming the step; the last good checkpoint is kept) or 'skip'
+    # (drop that step's update and go on; skipped steps are counted in the metrics).
+    c.nonfinite = "stop"
 
     c.parallel = ConfigDict()
     c.parallel.backend = "shard_map"  # 'shard_map' (jax.shard_map under jax.jit) or 'pmap'.
@@ -109,3 +124,113 @@ def lock(config: ConfigDict) -> ConfigDict:
     """Forbid new fields so a mistyped override is an error that names it."""
     config.lock()
     return config
+
+
+def finetune_model_config() -> ConfigDict:
+    """config.model of a run that starts from a checkpoint (fine-tuning, the distillation student).
+
+    Architecture fields left at None come from the checkpoint's saved config (model_config()'s
+    defaults when starting from scratch), so the user names only the workdir; a value set here
+    wins, and a checkpoint that does not fit it is an error naming the mismatched parameters.
+    """
+    c = ConfigDict()
+    # Architecture (None = as the checkpoint; see model_config for the meaning of each).
+    c.depth = config_dict.placeholder(int)  # ResNet depth.
+    c.width_multiplier = config_dict.placeholder(int)  # integer channel multiplier.
+    c.base_width = config_dict.placeholder(int)  # channels of the first block group.
+    c.sk_ratio = config_dict.placeholder(float)  # selective-kernel ratio.
+    c.se_ratio = config_dict.placeholder(float)  # squeeze-excitation ratio.
+    c.cifar_stem = config_dict.placeholder(bool)  # CIFAR stem (checkpoint None = automatic).
+    c.proj_head_mode = config_dict.placeholder(str)  # 'none', 'linear' or 'nonlinear'.
+    c.num_proj_layers = config_dict.placeholder(int)  # layers of the nonlinear head.
+    c.proj_out_dim = config_dict.placeholder(int)  # output width of the projection head.
+    c.bn_momentum = config_dict.placeholder(float)  # BatchNorm moving-average decay.
+    c.bn_epsilon = config_dict.placeholder(float)  # BatchNorm epsilon.
+    # What this run trains (never inherited):
+    # classifier input: 0 = backbone output, k = output of the k-th head layer (SimCLRv2: 1).
+    c.ft_proj_selector = 0
+    c.zero_init_logits_layer = False  # start the new classifier at zero (reference linear eval).
+    # Freeze stem..block_group<k> (no updates, BN in inference mode): -1 none, 4 = the whole
+    # backbone, i.e. linear evaluation (then the head layers are frozen too).
+    c.fine_tune_after_block = -1
+    c.global_bn = True  # BatchNorm statistics over all replicas.
+    return c
+
+
+def _run_fields(c: ConfigDict) -> None:
+    """Schedule, precision, parallelism and bookkeeping fields shared by finetune and distill."""
+    c.batch_size = 256  # global batch in images; divides the device count.
+    c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
+    c.num_epochs = 30.0  # training length in epochs of the (labelled or unlabelled) train set.
+    c.num_steps = 0  # if > 0, overrides num_epochs.
+    c.dtype = "float32"  # compute dtype 'float32' or 'bfloat16' (params, BN stats, loss stay fp32).
+    c.nonfinite = "stop"  # a NaN/inf loss: 'stop' (error naming the step) or 'skip' the update.
+    c.parallel = ConfigDict()
+    c.parallel.backend = "shard_map"  # 'shard_map' (jax.shard_map under jax.jit) or 'pmap'.
+    c.knn = ConfigDict()
+    # kNN monitor on backbone features (cosine, temperature-weighted votes); 0 = off. Its memory
+    # bank is the labelled training subset.
+    c.knn.k = 200
+    c.knn.temperature = 0.1  # vote weight exp(similarity / temperature).
+    c.log_every_steps = 50  # metrics to the writers and progress (steps/s, ETA).
+    c.checkpoint_every_steps = 1000  # orbax checkpoint period (and one at the end).
+    c.keep_checkpoints = 2  # how many checkpoints to keep.
+    c.eval_every_steps = 0  # exact evaluation on eval_split (and kNN); 0 = only at the end.
+
+
+def finetune_config() -> ConfigDict:
+    """Fine-tuning, linear evaluation and the supervised baseline (simclr_jax.finetune)."""
+    c = ConfigDict()
+    c.seed = 0  # seeds the new classifier, the data order and the augmentation.
+    # Pretraining workdir to start from: weights only (params, BN statistics), and its saved
+    # config gives the architecture. '' = random initialisation (the supervised baseline).
+    c.init_checkpoint = ""
+    c.label_fraction = 1.0  # class-stratified fraction of the train split's labels, in (0, 1].
+    c.label_seed = 0  # picks the labelled subset (the same on every host and for every seed).
+    c.dataset = dataset_config()
+    c.augment = ConfigDict()
+    c.augment.crop_min_area = 0.08  # random-resized crop's smallest area (crop + flip only).
+    c.augment.flip = True  # random horizontal flip.
+    c.model = finetune_model_config()
+    c.optim = optim_config()
+    # Reference SimCLRv2 fine-tuning: LARS, lr 0.005 * sqrt(batch), no weight decay, no warmup.
+    c.optim.base_lr = 0.005  # learning rate before batch scaling.
+    c.optim.lr_scaling = "sqrt"  # 'linear' (base_lr * batch / 256) or 'sqrt'.
+    c.optim.weight_decay = 0.0  # decoupled weight decay (kernels only).
+    c.optim.warmup_epochs = 0.0  # linear warmup length, then cosine decay to zero.
+    _run_fields(c)
+    return c
+
+
+def distill_config() -> ConfigDict:
+    """Distillation of a fine-tuned teacher into a student on unlabelled data (simclr_jax.distill).
+
+    loss = (1 - alpha) * distillation(unlabelled batch) + alpha * cross-entropy(labelled batch).
+    """
+    c = ConfigDict()
+    c.seed = 0  # seeds the student, the data order and the augmentation.
+    c.teacher_checkpoint = ""  # the fine-tuned teacher's workdir (required).
+    # Pretraining workdir to initialise the student from (weights only); '' = random init.
+    c.init_checkpoint = ""
+    c.temperature = 1.0  # tau of both softmaxes in the distillation loss.
+    # Weight of the labelled cross-entropy; 0 = pure distillation (no label is ever read). Note
+    # the SimCLRv2 paper's alpha weights the distillation term instead: ours = 1 - paper's.
+    c.alpha = 0.0
+    # Labelled subset (class-stratified fraction of train_split) for alpha > 0 and the kNN monitor.
+    c.label_fraction = 1.0
+    c.label_seed = 0  # picks the labelled subset (as in fine-tuning, so it is the same one).
+    c.labeled_batch_size = 64  # labelled images per step when alpha > 0.
+    c.dataset = dataset_config()  # train_split is the unlabelled pool the teacher labels.
+    c.augment = ConfigDict()
+    c.augment.crop_min_area = 0.08  # random-resized crop's smallest area (crop + flip only).
+    c.augment.flip = True  # random horizontal flip.
+    c.student = ConfigDict()
+    # The student: architecture None = as init_checkpoint, else as the teacher (self-distillation).
+    c.student.model = finetune_model_config()
+    c.optim = optim_config()
+    c.optim.base_lr = 0.1  # learning rate before batch scaling.
+    c.optim.lr_scaling = "sqrt"  # 'linear' (base_lr * batch / 256) or 'sqrt'.
+    c.optim.weight_decay = 1e-4  # decoupled weight decay (kernels only).
+    c.optim.warmup_epochs = 1.0  # linear warmup length, then cosine decay to zero.
+    _run_fields(c)
+    return c

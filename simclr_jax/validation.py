@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from simclr_jax import optim, parallel
+from simclr_jax import memory, optim, parallel
 from simclr_jax.data import sources, splits
 from simclr_jax.models.build import validate_model_fields
 
@@ -111,3 +111,5 @@ def validate_pretrain(config: ml_collections.ConfigDict) -> None:
     check_optim(config.optim)
     positive("loss.temperature", config.loss.temperature)
     check_model(config.model, config.dataset.image_size)
+    if config.memory.enabled:
+        memory.check_config(config.memory, global_batch=config.batch_size)

@@ -101,6 +101,12 @@ def pretrain_config() -> ConfigDict:
     c.loss = ConfigDict()
     c.loss.temperature = 0.1  # NT-Xent temperature tau.
 
+    c.probe = ConfigDict()
+    # Learning rate (unscaled; warmup + cosine like the encoder) of a separate momentum-SGD optimizer
+    # for the online linear probe. 0 = train it with the encoder's optimizer, as the reference does
+    # (its loss runs high at large learning rates; its accuracy is what to read).
+    c.probe.learning_rate = 0.0
+
     c.batch_size = 256  # global batch in images (each gives two views); divides the device count.
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
     c.num_epochs = 100.0  # training length in epochs of the training split.

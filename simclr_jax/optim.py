@@ -163,3 +163,26 @@ def make_optimizer(
         ) from error
     labels = jax.tree.map(lambda is_frozen: "frozen" if is_frozen else "trainable", frozen)
     return optax.multi_transform({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def with_separate_probe(
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.9,
+) -> optax.GradientTransformation:
+    """Train the top-level 'classifier' (the online probe) by its own momentum SGD, no weight decay.
+
+    The probe sits on stop-gradient features, so its optimizer never touches the representation; a
+    gentle one keeps it an honest monitor when the encoder's learning rate (LARS without trust
+    ratio for the classifier, as in the reference) would make a linear layer diverge.
+    """
+    _check_learning_rate(learning_rate)
+    if CLASSIFIER not in params:
+        raise ValueError(
+            f"params have no top-level {CLASSIFIER!r} subtree to give its own optimizer"
+        )
+    labels = {name: "probe" if name == CLASSIFIER else "model" for name in params}
+    probe = optax.sgd(learning_rate, momentum=momentum)
+    return optax.multi_transform({"model": optimizer, "probe": probe}, labels)

@@ -23,7 +23,12 @@ from simclr_jax import distributed, losses, memory, parallel, validation
 from simclr_jax.data import augment, sources
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.models import build_model
-from simclr_jax.optim import make_optimizer, scaled_learning_rate, warmup_cosine_schedule
+from simclr_jax.optim import (
+    make_optimizer,
+    scaled_learning_rate,
+    warmup_cosine_schedule,
+    with_separate_probe,
+)
 from simclr_jax.parallel import DATA_AXIS
 from simclr_jax.train import checkpoint, evaluate, loop, metrics
 from simclr_jax.train.state import TrainState
@@ -176,9 +181,20 @@ def train_and_evaluate(
     )
     peak_lr = scaled_learning_rate(config.optim.base_lr, config.batch_size, config.optim.lr_scaling)
     warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
-    schedule = warmup_cosine_schedule(peak_lr, total_steps, min(warmup_steps, total_steps))
+    warmup_steps = min(warmup_steps, total_steps)
+    schedule = warmup_cosine_schedule(peak_lr, total_steps, warmup_steps)
+    probe_schedule = None
+    if config.probe.learning_rate > 0:
+        probe_schedule = warmup_cosine_schedule(
+            config.probe.learning_rate, total_steps, warmup_steps
+        )
     state = init_state(
-        model, config, train_arrays.images.shape[1:], schedule, sharding=dp.replicated_sharding
+        model,
+        config,
+        train_arrays.images.shape[1:],
+        schedule,
+        probe_schedule=probe_schedule,
+        sharding=dp.replicated_sharding,
     )
 
     # Resume from the workdir when it holds a checkpoint.
@@ -244,12 +260,16 @@ def train_and_evaluate(
     return results
 
 
-def init_state(model, config, image_shape, schedule, *, sharding=None) -> TrainState:
+def init_state(
+    model, config, image_shape, schedule, *, probe_schedule=None, sharding=None
+) -> TrainState:
     """Parameters from the seed (BN in inference mode: no collectives), placed by `sharding`.
 
     With a mesh-replicated `sharding` every process compiles one and the same program, which the
     persistent cache shares (jax writes it from process 0 only); compiled per process, the workers
-    would start a minute behind process 0. Default: the host's default device.
+    would start a minute behind process 0. Default: the host's default device. probe_schedule
+    gives the online probe its own optimizer (optim.with_separate_probe); None trains it with the
+    encoder's, as the reference does.
     """
     size, channels = config.dataset.image_size, image_shape[-1]
     dummy = jnp.zeros((1, size, size, channels), jnp.float32)
@@ -257,6 +277,8 @@ def init_state(model, config, image_shape, schedule, *, sharding=None) -> TrainS
         jax.random.key(config.seed), dummy
     )
     tx = make_optimizer(config.optim, variables["params"], learning_rate=schedule)
+    if probe_schedule is not None:
+        tx = with_separate_probe(tx, variables["params"], learning_rate=probe_schedule)
     state = TrainState.create(
         params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
     )

@@ -252,3 +252,22 @@ def test_make_optimizer_errors():
         optim.make_optimizer(_config("lars", weight_decay=-1.0), params, learning_rate=0.1)
     with pytest.raises(ValueError, match="frozen"):
         optim.make_optimizer(_config("lars"), params, learning_rate=0.1, frozen={"backbone": True})
+
+
+def test_separate_probe_optimizer_trains_only_the_classifier_by_momentum_sgd():
+    params = {
+        "backbone": {"conv": {"kernel": jnp.ones((3, 3, 1, 2))}},
+        "classifier": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros((3,))},
+    }
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    base = optax.sgd(1.0)
+    tx = optim.with_separate_probe(base, params, learning_rate=0.1, momentum=0.9)
+    state = tx.init(params)
+    for step in range(2):
+        updates, state = tx.update(grads, state, params)
+        # Backbone: plain sgd(1.0) from the base optimizer; probe: momentum buffer of lr-free grads.
+        np.testing.assert_allclose(updates["backbone"]["conv"]["kernel"], -0.5)
+        expected_probe = -0.1 * 0.5 * sum(0.9**k for k in range(step + 1))
+        np.testing.assert_allclose(updates["classifier"]["kernel"], expected_probe, rtol=1e-6)
+    with pytest.raises(ValueError, match="classifier"):
+        optim.with_separate_probe(base, {"backbone": params["backbone"]}, learning_rate=0.1)

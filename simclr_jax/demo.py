@@ -1,108 +1,150 @@
-"""`make demo`: pretrain on real Fashion-MNIST on a CPU, then test the features with linear classifiers.
+"""`make demo`: the SimCLRv2 recipe on real Fashion-MNIST, sized for a CPU.
 
     python -m simclr_jax.demo [--workdir=demo_out] [--config.num_epochs=3 ...]
 
-Pretrains the demo preset of configs/pretrain_fashion_mnist.py (resuming if `workdir` already holds it),
-embeds the train and test splits with the frozen backbone, and fits the same logistic regression to the
-learned features and to raw pixels, with all 60,000 labels and with a stratified 1% (600). Prints one
-table; the online probe's accuracy (trained during pretraining) is reported beside it.
+1. Pretrain the demo preset of configs/pretrain_fashion_mnist.py (overridable with --config.*).
+2. Linear evaluation: the same logistic regression on the frozen features and on raw pixels, with all
+   60,000 labels and with a stratified 1% (600).
+3. Fine-tune from the first projection-head layer on the 1% labels, against the same network trained
+   from scratch on the same labels for the same number of steps.
+4. Distill the fine-tuned network into a student on the unlabeled training images.
+
+Each stage writes its own workdir under --workdir; rerunning resumes or skips finished stages. One table
+is printed at the end.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from simclr_jax import pretrain
-from simclr_jax.data import augment, sources
+from simclr_jax import distill, finetune, pretrain
+from simclr_jax.data import sources
 from simclr_jax.data.label_fraction import stratified_subset
-from simclr_jax.models import build_model
-from simclr_jax.train import checkpoint
+from simclr_jax.encoder import load_encoder
 from simclr_jax.train.linear_fit import fit_linear_classifier
 
-_DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "configs",
-    "pretrain_fashion_mnist.py",
-)
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Pretraining config.", lock_config=True)
-flags.DEFINE_string("workdir", "demo_out", "Where the demo's pretraining run lives.")
-flags.DEFINE_float("label_fraction", 0.01, "Fraction of labels for the few-label rows.")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def embed(model, variables, images: np.ndarray, image_size: int, batch: int = 1000) -> np.ndarray:
-    """Backbone features of uint8 images (BN in inference mode, no augmentation)."""
+def load_config(file: str, preset: str) -> ml_collections.ConfigDict:
+    """get_config(preset) of a file in configs/ (what --config=FILE:PRESET loads)."""
+    spec = importlib.util.spec_from_file_location(file, os.path.join(CONFIGS, f"{file}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
 
-    @jax.jit
-    def features(x):
-        x = augment.eval_preprocess(x, out_size=image_size)
-        return model.apply(variables, x, train=False)["features"]
 
-    chunks = [features(jnp.asarray(images[i : i + batch])) for i in range(0, len(images), batch)]
+def embed(workdir: str, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+    """Backbone features of uint8 images from a run's checkpoint (BN in inference mode)."""
+    apply_fn, variables = load_encoder(workdir)
+    chunks = [
+        apply_fn(variables, jnp.asarray(images[i : i + batch]))["features"]
+        for i in range(0, len(images), batch)
+    ]
     return np.concatenate(jax.device_get(chunks))
 
 
-def main(argv) -> None:
-    del argv
-    logging.getLogger().setLevel(logging.INFO)
-    config = FLAGS.config
-    workdir = os.path.join(FLAGS.workdir, "pretrain")
-    start = time.time()
-    results = pretrain.train_and_evaluate(config, workdir)
-    pretrain_minutes = (time.time() - start) / 60
-
+def linear_evaluation(config, workdir: str, fraction: float) -> list[tuple[str, int, float, float]]:
+    """Test accuracy of logistic regression on SimCLR features and on raw pixels (all / few labels)."""
     train = sources.load_split(config.dataset, config.dataset.train_split)
     test = sources.load_split(config.dataset, config.dataset.eval_split)
-    model = build_model(
-        config.model, num_classes=train.num_classes, image_size=config.dataset.image_size
-    )
-    size, channels = config.dataset.image_size, train.images.shape[-1]
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), train=False)
-    )
-    variables = checkpoint.restore_weights(workdir, abstract)
-    train_features = embed(model, variables, train.images, config.dataset.image_size)
-    test_features = embed(model, variables, test.images, config.dataset.image_size)
-    few = stratified_subset(train.labels, FLAGS.label_fraction, seed=config.seed)
-
+    few = stratified_subset(train.labels, fraction, seed=config.seed)
     pixels = lambda images: images.reshape(len(images), -1)
     rows = []
-    for name, fit_x, test_x in [
-        ("SimCLR features", train_features, test_features),
+    for name, train_x, test_x in [
+        ("SimCLR features", embed(workdir, train.images), embed(workdir, test.images)),
         ("raw pixels", pixels(train.images), pixels(test.images)),
     ]:
         accuracies = []
         for indices in (np.arange(len(train.labels)), few):
             classifier = fit_linear_classifier(
-                fit_x[indices], train.labels[indices], num_classes=train.num_classes
+                train_x[indices], train.labels[indices], num_classes=train.num_classes
             )
             accuracies.append(classifier.accuracy(test_x, test.labels))
-        rows.append((name, fit_x.shape[1], *accuracies))
+        rows.append((name, train_x.shape[1], *accuracies))
+    return rows
 
-    print()
-    device = f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s)"
-    print(
-        f"Fashion-MNIST linear evaluation (test accuracy), {device}, "
-        f"pretraining {results['step']} steps in {pretrain_minutes:.1f} min"
+
+def run_stage(name: str, train_and_evaluate, config, workdir: str) -> tuple[dict[str, Any], float]:
+    """Run (or resume, or find finished) a stage; its results.json, and the minutes this call took."""
+    start = time.time()
+    logging.info("Demo stage: %s (%s)", name, workdir)
+    train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "results.json")) as file:
+        return json.load(file), (time.time() - start) / 60
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    root = FLAGS.workdir
+    config = FLAGS.config
+    pretrain_dir = os.path.join(root, "pretrain")
+    pretrained, pretrain_minutes = run_stage(
+        "pretrain", pretrain.train_and_evaluate, config, pretrain_dir
     )
-    header = f"| input | dims | all {len(train.labels)} labels | {len(few)} labels (1%) |"
-    print(header)
+    start = time.time()
+    rows = linear_evaluation(config, pretrain_dir, FLAGS.label_fraction)
+    linear_minutes = (time.time() - start) / 60
+
+    fine_tune = load_config("finetune_fashion_mnist", "demo_1pct")
+    fine_tune.init_checkpoint = pretrain_dir
+    tuned, tune_minutes = run_stage(
+        "fine-tune 1%", finetune.train_and_evaluate, fine_tune, os.path.join(root, "finetune_1pct")
+    )
+    scratch = load_config("finetune_fashion_mnist", "demo_supervised_1pct")
+    supervised, supervised_minutes = run_stage(
+        "supervised 1%",
+        finetune.train_and_evaluate,
+        scratch,
+        os.path.join(root, "supervised_1pct"),
+    )
+    student_config = load_config("distill_fashion_mnist", "demo")
+    student_config.teacher_checkpoint = os.path.join(root, "finetune_1pct")
+    student, distill_minutes = run_stage(
+        "distill", distill.train_and_evaluate, student_config, os.path.join(root, "distill")
+    )
+
+    device = f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s)"
+    print(f"\nSimCLRv2 recipe on Fashion-MNIST ({device}); test accuracy (10,000 images)\n")
+    print(f"Pretraining: {pretrained['step']} steps in {pretrain_minutes:.1f} min")
+    print("\n| linear classifier on | dims | all 60,000 labels | 600 labels (1%) |")
     print("|---|---|---|---|")
-    for name, dims, full, subset in rows:
-        print(f"| {name} | {dims} | {100 * full:.2f}% | {100 * subset:.2f}% |")
-    if "probe_top1" in results:
-        print(
-            f"Online linear probe (trained during pretraining): {100 * results['probe_top1']:.2f}%"
-        )
+    for name, dims, full, few in rows:
+        print(f"| {name} | {dims} | {100 * full:.2f}% | {100 * few:.2f}% |")
+    print(f"(fits: {linear_minutes:.1f} min)")
+    print("\n| with 600 labels (1%) | steps | test top-1 | minutes |")
+    print("|---|---|---|---|")
+    for name, result, minutes in [
+        ("SimCLR, fine-tuned from head layer 1", tuned, tune_minutes),
+        ("supervised from scratch, same budget", supervised, supervised_minutes),
+        ("student distilled from the fine-tuned net", student, distill_minutes),
+    ]:
+        print(f"| {name} | {result['step']} | {100 * result['eval_top1']:.2f}% | {minutes:.1f} |")
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(CONFIGS, "pretrain_fashion_mnist.py"),
+        "Pretraining config of the demo.",
+        lock_config=True,
+    )
+    flags.DEFINE_string("workdir", "demo_out", "Each stage's workdir goes under this folder.")
+    flags.DEFINE_float("label_fraction", 0.01, "Fraction of labels for the few-label rows.")
     app.run(main)

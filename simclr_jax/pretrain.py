@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from simclr_jax import distributed, losses, memory, parallel, validation
 from simclr_jax.data import augment, sources
 from simclr_jax.data import pipeline as data_pipeline
-from simclr_jax.models import build_model
+from simclr_jax.models import build_model, init_variables
 from simclr_jax.optim import (
     make_optimizer,
     scaled_learning_rate,
@@ -271,10 +271,12 @@ def init_state(
     gives the online probe its own optimizer (optim.with_separate_probe); None trains it with the
     encoder's, as the reference does.
     """
-    size, channels = config.dataset.image_size, image_shape[-1]
-    dummy = jnp.zeros((1, size, size, channels), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False), out_shardings=sharding)(
-        jax.random.key(config.seed), dummy
+    variables = init_variables(
+        model,
+        seed=config.seed,
+        image_size=config.dataset.image_size,
+        channels=image_shape[-1],
+        sharding=sharding,
     )
     tx = make_optimizer(config.optim, variables["params"], learning_rate=schedule)
     if probe_schedule is not None:
@@ -286,6 +288,8 @@ def init_state(
         return state
     # SimCLRv2's memory: an EMA copy of the weights and an empty queue of projection-sized keys.
     memory.check_config(config.memory, global_batch=config.batch_size)
+    size = config.dataset.image_size
+    dummy = jax.ShapeDtypeStruct((1, size, size, image_shape[-1]), jnp.float32)
     projection = jax.eval_shape(functools.partial(model.apply, train=False), variables, dummy)
     bank = memory.create(
         variables["params"],

@@ -1,6 +1,6 @@
 """ResNet backbones, projection head and the composed SimCLR model (outputs: see simclr.py)."""
 
-from simclr_jax.models.build import MODEL_FIELDS, build_model, validate_model_fields
+from simclr_jax.models.build import MODEL_FIELDS, build_model, init_variables, validate_model_fields
 from simclr_jax.models.heads import PROJ_HEAD_MODES, ProjectionHead, linear_classifier
 from simclr_jax.models.resnet import BLOCKS_PER_GROUP, STAGE_NAMES, ResNet
 from simclr_jax.models.simclr import SimCLRModel, frozen_mask
@@ -15,6 +15,7 @@ __all__ = [
     "SimCLRModel",
     "build_model",
     "frozen_mask",
+    "init_variables",
     "linear_classifier",
     "validate_model_fields",
 ]

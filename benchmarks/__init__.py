@@ -1,0 +1,1 @@
+"""Throughput and scaling benchmarks (see README.md here)."""

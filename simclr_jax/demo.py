@@ -116,6 +116,7 @@ def main(argv) -> None:
     )
     student_config = load_config("distill_fashion_mnist", "demo")
     student_config.teacher_checkpoint = os.path.join(root, "finetune_1pct")
+    student_config.init_checkpoint = pretrain_dir  # the student starts from the SimCLR weights
     student, distill_minutes = run_stage(
         "distill", distill.train_and_evaluate, student_config, os.path.join(root, "distill")
     )

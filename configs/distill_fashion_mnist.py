@@ -1,0 +1,74 @@
+"""Distil a fine-tuned Fashion-MNIST teacher into a student on the (unlabelled) training images.
+
+    python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:self --workdir=/tmp/ds \
+        --config.teacher_checkpoint=/tmp/ft1
+    python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:big_to_small \
+        --workdir=/tmp/ds_small --config.teacher_checkpoint=/tmp/ft1
+
+The teacher is a fine-tuning workdir (configs/finetune_fashion_mnist.py, e.g. its 1pct preset); it
+labels all 60,000 training images, whose own labels are never read (alpha = 0).
+
+Presets:
+  self (default)  self-distillation: the student has the teacher's architecture and starts from
+                  scratch; temperature 1, alpha 0, batch 256, 30 epochs, LARS lr 0.1 x sqrt(B).
+  big_to_small    the same with a narrower student (ResNet-18, base width 16, 2-layer head).
+  demo            for a 2-core CPU after the demo fine-tuning (about 2.5 minutes: 300 steps of 128
+                  images): the student is the teacher's architecture initialised from the
+                  pretraining checkpoint (pass --config.init_checkpoint=PRETRAIN_WORKDIR; without
+                  it, it starts from scratch), LARS lr 0.05 x sqrt(B), no weight decay. Measured
+                  after a 200-step pretraining: student 74.4% vs teacher 76.0% test top-1 (it sees
+                  0.6 epoch; longer runs let it catch up).
+  tiny            a few steps for the tests.
+"""
+
+from simclr_jax import config as base
+
+
+def get_config(arg: str | None = None):
+    preset = arg or "self"
+    c = base.distill_config()
+    c.dataset.name = "fashion_mnist"
+    c.dataset.image_size = 28
+    c.augment.crop_min_area = 0.2  # as the Fashion-MNIST pretraining presets
+    c.temperature = 1.0
+    c.alpha = 0.0
+    c.label_fraction = 0.01  # the teacher's labelled subset (used by the kNN monitor only)
+    c.student.model.ft_proj_selector = 0
+    c.student.model.zero_init_logits_layer = False
+    c.optim.name = "lars"
+    c.optim.base_lr = 0.1
+    c.optim.lr_scaling = "sqrt"
+    c.optim.weight_decay = 1e-4
+    if preset in ("self", "big_to_small"):
+        c.batch_size = 256
+        c.num_epochs = 30.0
+        c.optim.warmup_epochs = 1.0
+        if preset == "big_to_small":
+            c.student.model.depth = 18
+            c.student.model.base_width = 16
+            c.student.model.num_proj_layers = 2
+            c.student.model.proj_out_dim = 64
+    elif preset == "demo":
+        c.augment.crop_min_area = 0.5  # as the demo fine-tuning
+        c.batch_size = 128
+        c.num_steps = 300
+        c.optim.base_lr = 0.05  # starting from pretrained weights: fine-tuning's rate
+        c.optim.weight_decay = 0.0
+        c.optim.warmup_epochs = 0.0
+        c.log_every_steps = 50
+    elif preset == "tiny":
+        c.dataset.train_split = "train[:2000]"
+        c.dataset.eval_split = "test[:200]"
+        c.eval_batch_size = 200
+        c.batch_size = 16
+        c.labeled_batch_size = 8
+        c.num_steps = 3
+        c.optim.warmup_epochs = 0.0
+        c.knn.k = 20
+        c.log_every_steps = 1
+        c.checkpoint_every_steps = 2
+    else:
+        raise ValueError(
+            f"unknown preset {preset!r} for distill_fashion_mnist: self, big_to_small, demo, tiny"
+        )
+    return base.lock(c)

@@ -1,0 +1,204 @@
+"""Any stage's workdir back into a model: its saved config, its architecture, its weights.
+
+Every trainer saves its resolved config with each checkpoint (and as workdir/config.json), so a
+workdir says how to rebuild its network. Fine-tuning reads the pretraining run's architecture from
+here (the user names only the workdir), distillation rebuilds its teacher, and `load_encoder`
+gives users a feature extractor from a pretraining, fine-tuning or distillation run alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+
+from simclr_jax import config as base_config
+from simclr_jax.data import augment
+from simclr_jax.models import SimCLRModel, build_model
+from simclr_jax.train import checkpoint, metrics
+
+# Fields that describe the network's shape; the rest of config.model says how a run trains it.
+ARCHITECTURE_FIELDS = (
+    "depth",
+    "width_multiplier",
+    "base_width",
+    "sk_ratio",
+    "se_ratio",
+    "cifar_stem",
+    "proj_head_mode",
+    "num_proj_layers",
+    "proj_out_dim",
+    "bn_momentum",
+    "bn_epsilon",
+)
+_CLASSIFIER_KERNEL = "params/classifier/kernel"
+_STEM_KERNEL = "params/backbone/stem/conv1/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """A workdir's newest checkpoint: its step, the config saved with it, its parameter shapes."""
+
+    workdir: str
+    step: int
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]  # 'params/backbone/stem/conv1/kernel' -> shape
+
+    @property
+    def stage(self) -> str:
+        """'distill', 'finetune' or 'pretrain', from the fields its config has."""
+        if "teacher_checkpoint" in self.config:
+            return "distill"
+        return "finetune" if "init_checkpoint" in self.config else "pretrain"
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """The network's config.model (for a distillation run: its student's)."""
+        if self.stage == "distill":
+            return dict(self.config["student"]["model"])
+        return dict(self.config["model"])
+
+    @property
+    def num_classes(self) -> int:
+        return self._shape(_CLASSIFIER_KERNEL)[-1]
+
+    @property
+    def channels(self) -> int:
+        return self._shape(_STEM_KERNEL)[2]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["dataset"]["image_size"])
+
+    def _shape(self, path: str) -> tuple[int, ...]:
+        if path not in self.shapes:
+            raise checkpoint.CheckpointMismatchError(
+                f"checkpoint of {self.workdir} (step {self.step}) has no {path}: not a simclr_jax "
+                "model checkpoint"
+            )
+        return self.shapes[path]
+
+
+def read_run(workdir: str, *, field: str = "workdir") -> SavedRun:
+    """The newest checkpoint of `workdir` (a trainer's workdir or its checkpoints folder).
+
+    `field` names the config field or argument that gave the path, for the error messages.
+    """
+    if not workdir:
+        raise ValueError(f"{field} is empty: name a workdir that holds checkpoints")
+    directory = epath.Path(workdir)
+    if directory.name != "checkpoints":
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise ValueError(f"{field}={workdir!r} holds no checkpoints (no {directory} folder)")
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            checkpoint.STATE: ocp.PyTreeCheckpointHandler(),
+            checkpoint.CONFIG: ocp.JsonCheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"{field}={workdir!r}: {directory} holds no finished checkpoint")
+        metadata = manager.item_metadata(step)[checkpoint.STATE]
+        shapes = checkpoint.flat_shapes(getattr(metadata, "tree", metadata))
+        saved_config = None
+        if (directory / str(step) / checkpoint.CONFIG).exists():
+            args = ocp.args.Composite(**{checkpoint.CONFIG: ocp.args.JsonRestore()})
+            saved_config = manager.restore(step, args=args)[checkpoint.CONFIG]
+    finally:
+        manager.close()
+    if saved_config is None:  # older runs: the config.json beside the checkpoints
+        config_file = directory.parent / metrics.CONFIG_FILE
+        if not config_file.exists():
+            raise ValueError(f"{field}={workdir!r}: no saved config (checkpoint or config.json)")
+        saved_config = json.loads(config_file.read_text())
+    return SavedRun(str(directory.parent), int(step), saved_config, shapes)
+
+
+def resolve_model_fields(
+    requested: Mapping[str, Any], inherited: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """config.model of a run that starts from a checkpoint, with every field filled in.
+
+    Precedence: a value set in `requested` (not None) > the checkpoint's `inherited` architecture >
+    model_config()'s default. Only architecture fields are inherited; the fine-tuning fields
+    (ft_proj_selector, fine_tune_after_block, ...) always come from `requested`.
+    """
+    defaults = base_config.model_config().to_dict()
+    resolved = {}
+    for name, value in dict(requested).items():
+        if value is None and name in ARCHITECTURE_FIELDS:
+            if inherited is not None and name in inherited:
+                value = inherited[name]
+            else:
+                value = defaults.get(name)
+        resolved[name] = value
+    return resolved
+
+
+def abstract_variables(model: SimCLRModel, image_size: int, channels: int) -> dict[str, Any]:
+    """Shapes and dtypes of the model's {'params', 'batch_stats'}, without computing anything."""
+    dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+    init = functools.partial(model.init, train=False)
+    return jax.eval_shape(init, jax.random.key(0), dummy)
+
+
+def build_from_run(run: SavedRun, *, dtype: Any = jnp.float32, **overrides: Any) -> SimCLRModel:
+    """The run's network (for distillation runs, the student), for inference: no collectives."""
+    return build_model(
+        run.model_config,
+        num_classes=run.num_classes,
+        image_size=run.image_size,
+        axis_name=None,
+        dtype=dtype,
+        **overrides,
+    )
+
+
+def restore_variables(run: SavedRun, model: SimCLRModel) -> dict[str, Any]:
+    """{'params', 'batch_stats'} of the run's newest checkpoint, laid out for `model`.
+
+    A checkpoint of another architecture raises checkpoint.CheckpointMismatchError naming the
+    parameter paths that differ.
+    """
+    target = abstract_variables(model, run.image_size, run.channels)
+    return checkpoint.restore_weights(run.workdir, target)
+
+
+def load_encoder(
+    workdir: str, *, dtype: Any = jnp.float32
+) -> tuple[Callable[[Any, jax.Array], dict[str, jax.Array]], dict[str, Any]]:
+    """(apply_fn, variables) for feature extraction from any stage's workdir.
+
+    apply_fn(variables, images) takes uint8 images [B, H, W, C] (or floats in [0, 1]), applies the
+    evaluation preprocessing (centre crop above 32 px, resize to the run's image size) and returns
+    the model's named outputs in inference mode: 'features' (backbone, pooled), 'block_group1'..,
+    'head_0'.., 'projection', 'logits'. For a distillation run the network is the student.
+    """
+    run = read_run(workdir)
+    model = build_from_run(run, dtype=dtype)
+    variables = restore_variables(run, model)
+    image_size = run.image_size
+
+    @jax.jit
+    def apply_fn(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
+        if jnp.issubdtype(images.dtype, jnp.integer):
+            x = augment.eval_preprocess(images, out_size=image_size)
+        elif min(images.shape[1], images.shape[2]) <= 32:  # as eval_preprocess, already in [0, 1]
+            x = augment.resize(images.astype(jnp.float32), image_size)
+        else:
+            x = augment.center_crop(images.astype(jnp.float32), image_size)
+        return model.apply(variables, x, train=False)
+
+    return apply_fn, variables

@@ -1,0 +1,140 @@
+"""The SimCLRv2 recipe end to end on the real Fashion-MNIST files, through the command lines:
+pretrain -> fine-tune on 1% of the labels -> distil, then load_encoder on every workdir."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_finetune import load_config
+
+import simclr_jax
+from simclr_jax import distill, encoder, finetune
+from simclr_jax.data import fashion_mnist
+from simclr_jax.train.checkpoint import CheckpointMismatchError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    not fashion_mnist.available(), reason="needs the Fashion-MNIST files (dataset-fashion-mnist)"
+)
+
+
+def run_cli(module: str, config: str, workdir: pathlib.Path, *overrides: str) -> dict:
+    command = [
+        sys.executable, "-m", module, f"--config={ROOT / 'configs' / config}",
+        f"--workdir={workdir}", *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((workdir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    workdirs = {stage: root / stage for stage in ("pretrain", "finetune", "distill")}
+    results = {}
+    # The same flags as tests/test_pretrain.py's CLI test: the compilation cache serves both.
+    results["pretrain"] = run_cli(
+        "simclr_jax.pretrain", "pretrain_fashion_mnist.py:tiny", workdirs["pretrain"],
+        "--config.num_steps=3", "--config.dataset.train_split=train[:1024]",
+        "--config.dataset.eval_split=test[:300]",
+    )  # fmt: skip
+    # 1% of the labels, from the first head layer; stages up to block_group2 frozen, so the
+    # test below can see frozen and trained parameters side by side.
+    results["finetune"] = run_cli(
+        "simclr_jax.finetune", "finetune_fashion_mnist.py:tiny", workdirs["finetune"],
+        f"--config.init_checkpoint={workdirs['pretrain']}",
+        "--config.model.fine_tune_after_block=2",
+    )  # fmt: skip
+    # The student starts from the pretraining weights (its architecture comes from there too).
+    results["distill"] = run_cli(
+        "simclr_jax.distill", "distill_fashion_mnist.py:tiny", workdirs["distill"],
+        f"--config.teacher_checkpoint={workdirs['finetune']}",
+        f"--config.init_checkpoint={workdirs['pretrain']}",
+    )  # fmt: skip
+    return workdirs, results
+
+
+def test_every_stage_leaves_results_and_config(recipe):
+    workdirs, results = recipe
+    assert results["pretrain"]["step"] == 3
+    finetuned = results["finetune"]
+    assert finetuned["step"] == 3 and finetuned["num_labeled"] == 20  # 1% of 2,000, 2 per class
+    assert finetuned["eval_count"] == 200 and 0.0 <= finetuned["eval_top1"] <= 1.0
+    assert 0.0 <= finetuned["knn_top1"] <= 1.0 and np.isfinite(finetuned["loss"])
+    distilled = results["distill"]
+    assert distilled["step"] == 3 and distilled["eval_count"] == 200
+    assert np.isfinite(distilled["distill_loss"]) and "labeled_loss" not in distilled
+    assert {"teacher_top1", "knn_top1", "teacher_agreement"} <= set(distilled)
+    # The resolved configs name the architecture they inherited, so each workdir stands alone.
+    saved = json.loads((workdirs["finetune"] / "config.json").read_text())
+    assert (saved["model"]["base_width"], saved["model"]["num_proj_layers"]) == (4, 2)
+    saved = json.loads((workdirs["distill"] / "config.json").read_text())
+    assert saved["student"]["model"]["base_width"] == 4
+
+
+def test_load_encoder_on_every_workdir(recipe):
+    workdirs, _ = recipe
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    for stage, workdir in workdirs.items():
+        apply_fn, variables = simclr_jax.load_encoder(str(workdir))
+        out = apply_fn(variables, images)
+        assert out["features"].shape == (5, 32), stage  # base width 4 x 8 channels
+        assert out["logits"].shape == (5, 10), stage
+        floats = apply_fn(variables, images.astype(np.float32) / 255.0)
+        np.testing.assert_allclose(floats["features"], out["features"], atol=1e-4)
+
+
+def test_fine_tuning_moves_only_what_it_trains(recipe):
+    """Frozen stages (up to block_group2) and the unused second head layer are bit-identical to
+    the pretrained weights and statistics; block_group3 and the first head layer moved."""
+    workdirs, _ = recipe
+    runs = {s: encoder.read_run(str(workdirs[s])) for s in ("pretrain", "finetune")}
+    pretrained, finetuned = (
+        encoder.restore_variables(run, encoder.build_from_run(run)) for run in runs.values()
+    )
+    for collection in ("params", "batch_stats"):
+        flat = jax.tree_util.tree_flatten_with_path(pretrained[collection])[0]
+        tuned = jax.tree.leaves(finetuned[collection])
+        for (path, before), after in zip(flat, tuned, strict=True):
+            name = "/".join(str(k.key) for k in path)
+            if name.startswith("classifier"):
+                continue
+            frozen = name.startswith(
+                ("backbone/stem", "backbone/block_group1", "backbone/block_group2", "head/dense2",
+                 "head/bn2")
+            )  # fmt: skip
+            if frozen:
+                np.testing.assert_array_equal(before, after, err_msg=name)
+    moved = lambda prefix: any(  # noqa: E731
+        not np.array_equal(a, b)
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(pretrained["params"])[0],
+            jax.tree.leaves(finetuned["params"]),
+            strict=True,
+        )
+        if "/".join(str(k.key) for k in path).startswith(prefix)
+    )
+    assert moved("backbone/block_group3") and moved("head/dense1")
+
+
+def test_another_architecture_is_an_error_naming_the_parameters(recipe, tmp_path):
+    workdirs, _ = recipe
+    config = load_config(
+        "finetune_fashion_mnist.py", "tiny", f"--config.init_checkpoint={workdirs['pretrain']}",
+        "--config.model.base_width=8",
+    )  # fmt: skip
+    with pytest.raises(CheckpointMismatchError, match="block_group1/block1/conv1/kernel"):
+        finetune.train_and_evaluate(config, str(tmp_path / "ft"))
+    config = load_config(
+        "distill_fashion_mnist.py", "tiny", f"--config.teacher_checkpoint={workdirs['finetune']}",
+        f"--config.init_checkpoint={workdirs['pretrain']}", "--config.student.model.depth=34",
+    )  # fmt: skip
+    with pytest.raises(CheckpointMismatchError, match="block_group1/block3"):
+        distill.train_and_evaluate(config, str(tmp_path / "ds"))

@@ -16,7 +16,7 @@ setup: $(STAMP) data
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[tfds,test]"
+	$(PY) -m pip install -q -e ".[tfds,test,transfer]"
 	@touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package: real data, offline.

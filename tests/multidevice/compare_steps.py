@@ -13,7 +13,6 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -22,7 +21,7 @@ sys.path.insert(0, str(ROOT / "configs"))
 import pretrain_fashion_mnist  # noqa: E402
 
 from simclr_jax import parallel, pretrain  # noqa: E402
-from simclr_jax.models import build_model  # noqa: E402
+from simclr_jax.models import build_model, init_variables  # noqa: E402
 from simclr_jax.optim import make_optimizer  # noqa: E402
 from simclr_jax.train.state import TrainState  # noqa: E402
 
@@ -43,7 +42,7 @@ def main():
     model = build_model(
         config.model, num_classes=10, image_size=28, axis_name="data", classifier_stop_gradient=True
     )
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    variables = init_variables(model, seed=0, image_size=28, channels=1)
     tx = make_optimizer(config.optim, variables["params"], learning_rate=0.5)
     state = TrainState.create(
         params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
@@ -52,20 +51,18 @@ def main():
     def run(devices, backend):
         dp = parallel.DataParallel(parallel.make_mesh(devices), backend)
         global_batch = jax.device_put(batch, dp.batch_sharding)
-        grads_fn = dp.map(
-            pretrain.make_gradient_fn(model, config),
-            sharded_args=(False, True),
-            sharded_outputs=(False, False, False),
-        )
+        gradients = pretrain.make_gradient_fn(model, config)
+
+        def step_with_grads(state, batch):  # one program: the gradients and the LARS update
+            grads, aux, stats = gradients(state, batch)
+            return state.apply_gradients(grads, stats), grads, aux, stats
+
         step_fn = dp.map(
-            pretrain.make_train_step(model, config),
+            step_with_grads,
             sharded_args=(False, True),
-            sharded_outputs=(False, False),
+            sharded_outputs=(False, False, False, False),
         )
-        replicated = dp.replicate(state)
-        grads, aux, stats = dp.first(grads_fn(replicated, global_batch))
-        new_state, _ = step_fn(replicated, global_batch)
-        new_state = dp.first(new_state)
+        new_state, grads, aux, stats = dp.first(step_fn(dp.replicate(state), global_batch))
         return jax.device_get(
             {"metrics": aux, "grads": grads, "batch_stats": stats, "params": new_state.params}
         )

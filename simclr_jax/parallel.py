@@ -71,6 +71,8 @@ class DataParallel:
 
     def replicate(self, tree: Any) -> Any:
         """Place a tree (train state, dataset) on every device in the backend's layout."""
+        if jax.process_count() > 1:
+            tree = jax.tree.map(_host_copy_if_local, tree)
         if self.backend == "pmap":
             n = self.num_replicas
             stack = lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x))
@@ -135,3 +137,15 @@ class DataParallel:
     def first(self, tree: Any) -> Any:
         """Replicated outputs (metrics) as one copy, whatever the backend."""
         return self.unreplicate(tree)
+
+
+def _host_copy_if_local(x: Any) -> Any:
+    """A host copy of an array on this process's devices (e.g. a restored train state).
+
+    Multi-process, device_put cannot move an array committed to one local device onto other
+    processes' devices, but it does spread host data that every process holds alike.
+    """
+    if isinstance(x, jax.Array) and x.is_fully_addressable and x.committed:
+        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return np.asarray(x)
+    return x

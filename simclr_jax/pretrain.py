@@ -328,6 +328,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Pretraining config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
     flags.DEFINE_integer("stop_at_step", None, "End this run at this step (rerun to resume).")
+    distributed.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
 
 

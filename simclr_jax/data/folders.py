@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import numpy as np
+from etils import epath
 
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
@@ -33,28 +33,31 @@ def _is_image(name: str) -> bool:
 
 
 def list_files(root: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
-    """(path, label) pairs, labels from sorted subfolder names; label -1 for a flat folder."""
-    if not os.path.isdir(root):
+    """(path, label) pairs, labels from sorted subfolder names; label -1 for a flat folder.
+
+    Paths go through etils.epath, so `root` may also be a bucket (gs://...).
+    """
+    directory = epath.Path(root)
+    if not directory.is_dir():
         raise FileNotFoundError(f"image folder {root!r} does not exist")
-    entries = sorted(os.listdir(root))
-    class_names = tuple(e for e in entries if os.path.isdir(os.path.join(root, e)))
+    entries = sorted(directory.iterdir(), key=lambda p: p.name)
+    class_names = tuple(e.name for e in entries if e.is_dir())
     if class_names:
         files = []
         for label, name in enumerate(class_names):
-            class_dir = os.path.join(root, name)
-            for dirpath, dirnames, filenames in os.walk(class_dir):
+            for dirpath, dirnames, filenames in (directory / name).walk():
                 dirnames.sort()
                 names = [f for f in sorted(filenames) if _is_image(f)]
-                files += [(os.path.join(dirpath, f), label) for f in names]
+                files += [(str(dirpath / f), label) for f in names]
         return files, class_names
-    return [(os.path.join(root, e), -1) for e in entries if _is_image(e)], ()
+    return [(str(e), -1) for e in entries if _is_image(e.name)], ()
 
 
 def decode_square(path: str, image_size: int, channels: int) -> np.ndarray:
     """Decode one file to uint8 [S, S, C]: shorter side resized to S (bicubic), centre crop."""
     from PIL import Image  # PIL is only needed for image folders.
 
-    with Image.open(path) as img:
+    with epath.Path(path).open("rb") as file, Image.open(file) as img:
         img = img.convert("RGB" if channels == 3 else "L")
         width, height = img.size
         scale = image_size / min(width, height)

@@ -9,8 +9,10 @@ per-replica step, the loop. Rerunning the same command resumes from the newest c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -20,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from simclr_jax import distributed, losses, memory, parallel, validation
-from simclr_jax.data import augment, sources
+from simclr_jax.data import augment, sources, streaming
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.models import build_model, init_variables
 from simclr_jax.optim import (
@@ -132,15 +134,103 @@ def make_train_step(model, config: ml_collections.ConfigDict):
     return step
 
 
-def make_predict_step(model, image_size: int):
-    """Per-replica probe logits on centre-cropped evaluation images (BN in inference mode)."""
+def make_predict_step(model, image_size: int, *, precropped: bool = False):
+    """Per-replica probe logits on centre-cropped evaluation images (BN in inference mode).
+
+    precropped: the host already took the centre crop at image_size (streamed datasets).
+    """
 
     def predict(state: TrainState, images: jax.Array) -> jax.Array:
-        x = augment.eval_preprocess(images, out_size=image_size)
+        if precropped:
+            x = images.astype(jnp.float32) / 255.0
+        else:
+            x = augment.eval_preprocess(images, out_size=image_size)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         return model.apply(variables, x, train=False)["logits"]
 
     return predict
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainData:
+    """Where a run's batches come from, whichever path serves them."""
+
+    num_examples: int | None  # None: a streamed split whose size tfds does not record
+    num_classes: int
+    channels: int
+    batch_for_step: Callable[[int], dict[str, jax.Array]]  # global batch of a step
+    eval_batches: Callable[[], Iterable[dict[str, jax.Array]]] | None  # fresh pass, padded
+    streamed: bool  # host-cropped (variable-size images) rather than device-resident
+
+
+def load_data(config: ml_collections.ConfigDict, mesh) -> PretrainData:
+    """Device-resident arrays for fixed-size datasets; the host tf.data path for ImageNet.
+
+    Device-resident batches are a function of (seed, step), so a resumed run sees exactly the
+    batches it would have; the host stream restarts on resume (another, equally random, order).
+    """
+    dataset = config.dataset
+    if streaming.is_streamed(dataset):
+        return _streamed_data(config, mesh)
+    train = sources.load_split(dataset, dataset.train_split)
+    if train.labels is None:
+        raise ValueError("pretraining with the online probe needs a labeled train split")
+    device_data = data_pipeline.DeviceResidentData(
+        train, global_batch=config.batch_size, seed=config.seed, mesh=mesh
+    )
+    eval_batches = None
+    if dataset.eval_split:
+        test = sources.load_split(dataset, dataset.eval_split)
+        eval_batches = functools.partial(
+            data_pipeline.eval_batches, test, global_batch=config.eval_batch_size, mesh=mesh
+        )
+    return PretrainData(
+        num_examples=len(train.images),
+        num_classes=train.num_classes,
+        channels=train.images.shape[-1],
+        batch_for_step=device_data.batch,
+        eval_batches=eval_batches,
+        streamed=False,
+    )
+
+
+def _streamed_data(config: ml_collections.ConfigDict, mesh) -> PretrainData:
+    from simclr_jax.data import tfds_source
+
+    dataset = config.dataset
+    info = tfds_source.dataset_info(dataset.name, data_dir=dataset.data_dir)
+    split_sizes = {name: split.num_examples for name, split in info.splits.items()}
+    processes = jax.process_count()
+    common = dict(image_size=dataset.image_size, data_dir=dataset.data_dir)
+    train = tfds_source.host_pipeline(
+        dataset.name,
+        dataset.train_split,
+        local_batch=config.batch_size // processes,
+        train=True,
+        seed=config.seed,
+        num_crops=2,  # one random-resized crop per view; the device does the rest
+        crop_min_area=config.augment.crop_min_area,
+        **common,
+    )
+
+    def eval_batches():
+        batches = tfds_source.host_pipeline(
+            dataset.name,
+            dataset.eval_split,
+            local_batch=config.eval_batch_size // processes,
+            train=False,
+            **common,
+        )
+        return (data_pipeline.to_global_batch(batch, mesh) for batch in batches)
+
+    return PretrainData(
+        num_examples=split_sizes.get(dataset.train_split),
+        num_classes=int(info.features["label"].num_classes),
+        channels=info.features["image"].shape[-1] or 3,
+        batch_for_step=lambda step: data_pipeline.to_global_batch(next(train), mesh),
+        eval_batches=eval_batches if dataset.eval_split else None,
+        streamed=True,
+    )
 
 
 def train_and_evaluate(
@@ -157,23 +247,26 @@ def train_and_evaluate(
     parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
 
     # Data: small fixed-size datasets live on the devices; each step gathers its batch there.
-    train_arrays = sources.load_split(config.dataset, config.dataset.train_split)
-    if train_arrays.labels is None:
-        raise ValueError("pretraining with the online probe needs a labeled train split")
-    steps_per_epoch = len(train_arrays.images) // config.batch_size
+    # Variable-size ones (ImageNet) stream: the host decodes and takes two crops per image.
+    data = load_data(config, mesh)
+    if data.num_examples is None:
+        if not config.num_steps or config.optim.warmup_epochs:
+            raise ValueError(
+                f"the size of {config.dataset.name}:{config.dataset.train_split} is unknown to "
+                "tfds, so epochs cannot be counted: set num_steps > 0 and optim.warmup_epochs=0"
+            )
+        data = dataclasses.replace(data, num_examples=config.num_steps * config.batch_size)
+    steps_per_epoch = data.num_examples // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
-            f"batch_size={config.batch_size} exceeds the {len(train_arrays.images)} training images"
+            f"batch_size={config.batch_size} exceeds the {data.num_examples} training images"
         )
     total_steps = config.num_steps or int(config.num_epochs * steps_per_epoch)
-    train_data = data_pipeline.DeviceResidentData(
-        train_arrays, global_batch=config.batch_size, seed=config.seed, mesh=mesh
-    )
 
     # Model and optimizer; the learning rate is derived here, never stored in the config.
     model = build_model(
         config.model,
-        num_classes=train_arrays.num_classes,
+        num_classes=data.num_classes,
         image_size=config.dataset.image_size,
         axis_name=DATA_AXIS if config.model.global_bn else None,
         dtype=DTYPES[config.dtype],
@@ -191,7 +284,7 @@ def train_and_evaluate(
     state = init_state(
         model,
         config,
-        train_arrays.images.shape[1:],
+        data.channels,
         schedule,
         probe_schedule=probe_schedule,
         sharding=dp.replicated_sharding,
@@ -237,15 +330,14 @@ def train_and_evaluate(
         eval_every=config.eval_every_steps,
     )
     evaluate_probe = None
-    if config.dataset.eval_split:
-        eval_arrays = sources.load_split(config.dataset, config.dataset.eval_split)
-        evaluate_probe = functools.partial(evaluate_split, dp, model, config, eval_arrays)
+    if data.eval_batches is not None:
+        evaluate_probe = functools.partial(evaluate_probe_on, dp, model, config, data)
     state, results = loop.run(
         state=state,
         start_step=start_step,
         settings=settings,
         train_step=train_step,
-        batch_for_step=train_data.batch,
+        batch_for_step=data.batch_for_step,
         first=dp.first,
         save=lambda step, state: ckpt.save(step, dp.unreplicate(state), force=True),
         evaluate=evaluate_probe,
@@ -261,7 +353,7 @@ def train_and_evaluate(
 
 
 def init_state(
-    model, config, image_shape, schedule, *, probe_schedule=None, sharding=None
+    model, config, channels, schedule, *, probe_schedule=None, sharding=None
 ) -> TrainState:
     """Parameters from the seed (BN in inference mode: no collectives), placed by `sharding`.
 
@@ -275,7 +367,7 @@ def init_state(
         model,
         seed=config.seed,
         image_size=config.dataset.image_size,
-        channels=image_shape[-1],
+        channels=channels,
         sharding=sharding,
     )
     tx = make_optimizer(config.optim, variables["params"], learning_rate=schedule)
@@ -289,7 +381,7 @@ def init_state(
     # SimCLRv2's memory: an EMA copy of the weights and an empty queue of projection-sized keys.
     memory.check_config(config.memory, global_batch=config.batch_size)
     size = config.dataset.image_size
-    dummy = jax.ShapeDtypeStruct((1, size, size, image_shape[-1]), jnp.float32)
+    dummy = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
     projection = jax.eval_shape(functools.partial(model.apply, train=False), variables, dummy)
     bank = memory.create(
         variables["params"],
@@ -300,15 +392,14 @@ def init_state(
     return memory.attach(state, bank)
 
 
-def evaluate_split(dp, model, config, arrays, state) -> dict[str, float]:
-    """Exact probe accuracy on a split: every example counted once (padded, masked last batch)."""
+def evaluate_probe_on(dp, model, config, data: PretrainData, state) -> dict[str, float]:
+    """Exact probe accuracy on the eval split: every example counted once (padded, masked)."""
     predict = dp.map(
-        make_predict_step(model, config.dataset.image_size),
+        make_predict_step(model, config.dataset.image_size, precropped=data.streamed),
         sharded_args=(False, True),
         sharded_outputs=True,
     )
-    batches = data_pipeline.eval_batches(arrays, global_batch=config.eval_batch_size, mesh=dp.mesh)
-    result = evaluate.exact_evaluate(lambda images: predict(state, images), batches)
+    result = evaluate.exact_evaluate(lambda images: predict(state, images), data.eval_batches())
     return {f"probe_{k}": v for k, v in result.items()}
 
 

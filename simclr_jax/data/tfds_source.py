@@ -47,6 +47,11 @@ def _builder(name: str, data_dir: str):
         ) from None
 
 
+def dataset_info(name: str, *, data_dir: str = ""):
+    """tfds's DatasetInfo (features, split sizes) without reading or downloading any data."""
+    return _builder(name, data_dir).info
+
+
 def _as_dataset(
     name: str, split, *, data_dir: str, shuffle_files: bool = False, seed: int = 0, decoders=None
 ):

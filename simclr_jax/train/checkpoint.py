@@ -11,6 +11,7 @@ directory; orbax already hides uncommitted tmp directories), we fall back to the
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,6 +28,12 @@ _MAX_LISTED_PATHS = 20
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's parameter tree does not match the model it is restored into."""
+
+
+def absolute_path(path: epath.PathLike) -> epath.Path:
+    """orbax wants absolute paths: a local one is made absolute, a bucket (gs://...) kept as is."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 class CheckpointManager:
@@ -51,7 +58,8 @@ class CheckpointManager:
             raise ValueError(f"keep must be >= 1 (checkpoints to keep), got {keep}")
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1 (steps between saves), got {save_every}")
-        self.directory = epath.Path(workdir) / "checkpoints"
+        # orbax wants absolute paths; a relative workdir is relative to where the run started.
+        self.directory = absolute_path(workdir) / "checkpoints"
         self._config = None if config is None else config_to_json_dict(config)
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -130,7 +138,7 @@ def restore_weights(
     same shape; checkpoint entries that `target` lacks are ignored, so leave out a subtree (say
     'classifier') to keep it freshly initialised and merge it back yourself.
     """
-    directory = epath.Path(workdir)
+    directory = absolute_path(workdir)
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
     if not directory.is_dir():

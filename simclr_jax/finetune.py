@@ -10,6 +10,11 @@ or the optimizer). The classifier is new, sized to this dataset's classes. Which
 evaluation) and how many labels are used (label_fraction) are this run's choices. Rerunning the
 same command resumes from the newest checkpoint in --workdir.
 
+Transfer: the checkpoint may come from another dataset (configs/transfer_digits.py). Images are
+resized to dataset.image_size on the device, grayscale images are repeated to RGB for an
+RGB-pretrained network (RGB becomes luma for a grayscale one), and an auto CIFAR stem stays the
+checkpoint's whatever this run's image size.
+
 Frozen means frozen: frozen parameters get exactly zero updates (the optimizer mask), frozen stages
 run BatchNorm in inference mode, and their statistics are kept bit for bit. Head layers above the
 selector feed nothing and are frozen too. Linear evaluation (fine_tune_after_block=4) runs the whole
@@ -29,10 +34,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
+import numpy as np
 
-from simclr_jax import distributed, encoder, losses, parallel, validation
+from simclr_jax import cli, encoder, losses, parallel, validation
 from simclr_jax.data import augment, sources
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data.arrays import ImageArrays
@@ -92,6 +96,8 @@ def resolve_model(
     inherited = run.model_config if run is not None else None
     for name, value in encoder.resolve_model_fields(block.to_dict(), inherited).items():
         block[name] = value
+    if run is not None and block.cifar_stem is None:  # auto: the checkpoint's image size decided
+        block.cifar_stem = run.image_size <= 32
     return resolved
 
 
@@ -126,16 +132,39 @@ def labeled_subset(arrays: ImageArrays, fraction: float, seed: int) -> ImageArra
     return sources.take_label_fraction(arrays, fraction, seed=seed)
 
 
-def in_memory_data(config: ml_collections.ConfigDict, mesh) -> LabeledData:
+def match_channels(arrays: ImageArrays, channels: int | None) -> ImageArrays:
+    """`arrays` with the channel count the network expects (None: keep the data's own).
+
+    For transfer from a checkpoint: grayscale is repeated to RGB, RGB becomes its luma
+    (augment.GRAYSCALE_WEIGHTS). Done once on the host, before the data goes to the devices.
+    """
+    have = arrays.images.shape[-1]
+    if channels is None or channels == have:
+        return arrays
+    if (have, channels) == (1, 3):
+        images = np.repeat(arrays.images, 3, axis=-1)
+    elif (have, channels) == (3, 1):
+        luma = arrays.images.astype(np.float32) @ np.asarray(augment.GRAYSCALE_WEIGHTS, np.float32)
+        images = np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+    else:
+        raise ValueError(f"cannot convert {have}-channel images to {channels} channels (1 or 3)")
+    return ImageArrays(images, arrays.labels, arrays.num_classes)
+
+
+def in_memory_data(
+    config: ml_collections.ConfigDict, mesh, channels: int | None = None
+) -> LabeledData:
     """Fixed-size datasets: the labelled subset lives on the devices (data/pipeline.py)."""
     train = sources.load_split(config.dataset, config.dataset.train_split)
     train = labeled_subset(train, config.label_fraction, config.label_seed)
+    train = match_channels(train, channels)
     resident = data_pipeline.DeviceResidentData(
         train, global_batch=config.batch_size, seed=config.seed, mesh=mesh
     )
     eval_arrays = eval_batches = None
     if config.dataset.eval_split:
         eval_arrays = sources.load_split(config.dataset, config.dataset.eval_split)
+        eval_arrays = match_channels(eval_arrays, channels)
         eval_batches = functools.partial(
             data_pipeline.eval_batches, eval_arrays, global_batch=config.eval_batch_size, mesh=mesh
         )
@@ -167,7 +196,9 @@ def is_streamed(dataset_config: ml_collections.ConfigDict) -> bool:
     return any(d is None for d in _tfds_info(dataset_config).features["image"].shape)
 
 
-def streamed_data(config: ml_collections.ConfigDict, mesh) -> LabeledData:
+def streamed_data(
+    config: ml_collections.ConfigDict, mesh, channels: int | None = None
+) -> LabeledData:
     """Variable-size tfds datasets: host-cropped batches (tfds_source.host_pipeline).
 
     Label subsets are tfds datasets of their own (imagenet2012_subset/1pct, /10pct). The stream
@@ -182,6 +213,12 @@ def streamed_data(config: ml_collections.ConfigDict, mesh) -> LabeledData:
         )
     info = _tfds_info(config.dataset)
     dataset = config.dataset
+    have = info.features["image"].shape[-1] or 3
+    if channels is not None and channels != have:
+        raise ValueError(
+            f"{dataset.name!r} has {have}-channel images but the config.init_checkpoint network "
+            f"expects {channels}; channels are converted only for in-memory datasets"
+        )
     try:
         num_examples = info.splits[dataset.train_split].num_examples
     except (KeyError, ValueError):
@@ -216,17 +253,18 @@ def streamed_data(config: ml_collections.ConfigDict, mesh) -> LabeledData:
     return LabeledData(
         num_examples=num_examples,
         num_classes=int(info.features["label"].num_classes),
-        channels=info.features["image"].shape[-1] or 3,
+        channels=have,
         batch_for_step=lambda step: data_pipeline.to_global_batch(next(train), mesh),
         eval_batches=eval_batches,
         precropped=True,
     )
 
 
-def load_data(config: ml_collections.ConfigDict, mesh) -> LabeledData:
+def load_data(config: ml_collections.ConfigDict, mesh, channels: int | None = None) -> LabeledData:
+    """The run's data; `channels` (a checkpoint's input channels) converts the images to match."""
     if is_streamed(config.dataset):
-        return streamed_data(config, mesh)
-    return in_memory_data(config, mesh)
+        return streamed_data(config, mesh, channels)
+    return in_memory_data(config, mesh, channels)
 
 
 # ------------------------------------------------------------------------------------ model
@@ -492,7 +530,7 @@ def train_and_evaluate(
     parallel.check_divisible("batch_size", config.batch_size, mesh)
     parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
 
-    data = load_data(config, mesh)
+    data = load_data(config, mesh, channels=None if run is None else run.channels)
     steps_per_epoch, total_steps, schedule, peak_lr = schedule_for(config, data.num_examples)
     model = build_model(
         config.model,
@@ -550,25 +588,5 @@ def train_and_evaluate(
     return results
 
 
-def main(argv) -> None:
-    del argv
-    logging.getLogger().setLevel(logging.INFO)
-    distributed.initialize()
-    flag_values = flags.FLAGS
-    results = train_and_evaluate(
-        flag_values.config, flag_values.workdir, stop_at_step=flag_values.stop_at_step
-    )
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
-
-
-def define_flags() -> None:
-    """Flags are defined only when run as a program, so other modules can import this one."""
-    config_flags.DEFINE_config_file("config", None, "Fine-tuning config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
-    flags.DEFINE_integer("stop_at_step", None, "End this run at this step (rerun to resume).")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_stage(train_and_evaluate, "Fine-tuning")

@@ -8,9 +8,9 @@ through `tfds_source.host_pipeline` instead.
 
 from __future__ import annotations
 
-import os
+from etils import epath
 
-from simclr_jax.data import fashion_mnist, splits
+from simclr_jax.data import digits, fashion_mnist, splits
 from simclr_jax.data.arrays import ImageArrays, from_arrays
 from simclr_jax.data.label_fraction import stratified_subset
 
@@ -20,6 +20,8 @@ SOURCES = ("auto", "local", "tfds", "folder")
 # Datasets with local files: name -> (files_present(data_dir), load(split, data_dir), num_classes).
 LOCAL_DATASETS = {
     "fashion_mnist": (fashion_mnist.available, fashion_mnist.load, fashion_mnist.NUM_CLASSES),
+    # scikit-learn's 8x8 digits upsampled to 28x28 (the transfer demo's target; data/digits.py).
+    "sklearn_digits": (digits.available, digits.load, digits.NUM_CLASSES),
 }
 
 
@@ -44,15 +46,15 @@ def _folder(dataset_config, split: str) -> ImageArrays:
     if not root:
         raise ValueError("dataset.data_dir must name the image folder when dataset.source='folder'")
     base, _, _ = splits.parse_split(split)
-    directory = os.path.join(root, base)
-    if not os.path.isdir(directory):
-        present = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
+    directory = epath.Path(root) / base  # a local folder or a bucket (gs://...)
+    if not directory.is_dir():
+        present = sorted(e.name for e in epath.Path(root).iterdir() if e.is_dir())
         raise ValueError(
             f"split {base!r} not found in image folder {root!r}: expected a subfolder {base}/ "
             f"(subfolders present: {present})"
         )
     contents = folders.load_folder(
-        directory,
+        str(directory),
         image_size=dataset_config.image_size,
         channels=dataset_config.get("channels", 3),
         strict=dataset_config.get("bad_images", "skip") == "error",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import re
 import statistics
 import time
@@ -31,7 +30,7 @@ from simclr_jax import parallel, pretrain
 from simclr_jax.data import augment
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.models import build_model
-from simclr_jax.optim import make_optimizer, warmup_cosine_schedule
+from simclr_jax.optim import warmup_cosine_schedule
 from simclr_jax.train import loop
 from simclr_jax.train.state import TrainState
 
@@ -111,28 +110,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, channels: int = 3):
         classifier_stop_gradient=True,
     )
     schedule = warmup_cosine_schedule(0.1, total_steps=config.num_steps, warmup_steps=100)
-    size = config.dataset.image_size
-    state = init_state(model, config, (size, size, channels), schedule)
+    state = pretrain.init_state(model, config, channels, schedule)
     return model, dp.replicate(state), dp
-
-
-# XLA:CPU spends most of jit(model.init)'s compile in LLVM optimising code that runs once: 54 s ->
-# 7 s for the tiny ResNet-18 on a loaded 2-core machine (values equal to 1 ulp). See README.md.
-CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-def init_state(model, config, image_shape, schedule) -> TrainState:
-    """pretrain.init_state, compiled without backend optimisation on the CPU."""
-    size, channels = config.dataset.image_size, image_shape[-1]
-    dummy = jnp.zeros((1, size, size, channels), jnp.float32)
-    key = jax.random.key(config.seed)
-    lowered = jax.jit(functools.partial(model.init, train=False)).lower(key, dummy)
-    options = CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    variables = lowered.compile(compiler_options=options)(key, dummy)
-    tx = make_optimizer(config.optim, variables["params"], learning_rate=schedule)
-    return TrainState.create(
-        params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
-    )
 
 
 def make_views_train_step(model, config: ml_collections.ConfigDict):

@@ -48,7 +48,7 @@ def main():
             config.model, num_classes=10, image_size=28, axis_name="data",
             classifier_stop_gradient=True,
         )  # fmt: skip
-        state = dp.replicate(pretrain.init_state(model, config, (28, 28, 1), 0.1))
+        state = dp.replicate(pretrain.init_state(model, config, 1, 0.1))
         step = dp.map(
             pretrain.make_train_step(model, config),
             sharded_args=(False, True), sharded_outputs=(False, False), donate_argnums=(0,),

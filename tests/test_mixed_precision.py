@@ -21,7 +21,7 @@ import pytest
 from simclr_jax import parallel, pretrain
 from simclr_jax.data import pipeline, sources
 from simclr_jax.models import build_model
-from simclr_jax.optim import make_optimizer, scaled_learning_rate, warmup_cosine_schedule
+from simclr_jax.optim import scaled_learning_rate, warmup_cosine_schedule
 from simclr_jax.train.state import TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,15 +42,8 @@ def tiny_config():
 
 
 def init_state(model, config, mesh, schedule):
-    """As pretrain.init_state; compiled without LLVM optimisation (7 s instead of 50 on a busy CPU)."""
-    dummy = jnp.zeros((1, 28, 28, 1), jnp.float32)
-    key = jax.random.key(config.seed)
-    init = jax.jit(functools.partial(model.init, train=False)).lower(key, dummy)
-    variables = init.compile(compiler_options={"xla_backend_optimization_level": 0})(key, dummy)
-    tx = make_optimizer(config.optim, variables["params"], learning_rate=schedule)
-    state = TrainState.create(
-        params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
-    )
+    """pretrain.init_state, replicated on the mesh."""
+    state = pretrain.init_state(model, config, 1, schedule)
     return parallel.DataParallel(mesh).replicate(state)
 
 

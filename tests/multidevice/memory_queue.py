@@ -46,7 +46,7 @@ def memory_config():
 
 def start_state(model, config):
     """init_state's state with the queue's first FILLED rows holding known unit vectors."""
-    state = pretrain.init_state(model, config, (28, 28, 1), 0.1)
+    state = pretrain.init_state(model, config, 1, 0.1)
     dim = state.memory.queue.shape[1]
     rows = np.random.default_rng(1).normal(size=(QUEUE, dim)).astype(np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)

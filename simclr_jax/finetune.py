@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from simclr_jax import cli, encoder, losses, parallel, validation
-from simclr_jax.data import augment, sources
+from simclr_jax.data import augment, sources, streaming
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.models import (
@@ -180,22 +180,6 @@ def in_memory_data(
     )
 
 
-def _tfds_info(dataset_config: ml_collections.ConfigDict):
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(
-        dataset_config.name, data_dir=dataset_config.data_dir or None, try_gcs=False
-    )
-    return builder.info
-
-
-def is_streamed(dataset_config: ml_collections.ConfigDict) -> bool:
-    """Whether the dataset has variable-size images (ImageNet) and must stream from the host."""
-    if sources.resolve_source(dataset_config) != "tfds":
-        return False
-    return any(d is None for d in _tfds_info(dataset_config).features["image"].shape)
-
-
 def streamed_data(
     config: ml_collections.ConfigDict, mesh, channels: int | None = None
 ) -> LabeledData:
@@ -211,7 +195,7 @@ def streamed_data(
             f"label_fraction={config.label_fraction} needs an in-memory dataset; for ImageNet use "
             "dataset.name='imagenet2012_subset/1pct' (or /10pct) with label_fraction=1.0"
         )
-    info = _tfds_info(config.dataset)
+    info = tfds_source.dataset_info(config.dataset.name, data_dir=config.dataset.data_dir)
     dataset = config.dataset
     have = info.features["image"].shape[-1] or 3
     if channels is not None and channels != have:
@@ -262,7 +246,7 @@ def streamed_data(
 
 def load_data(config: ml_collections.ConfigDict, mesh, channels: int | None = None) -> LabeledData:
     """The run's data; `channels` (a checkpoint's input channels) converts the images to match."""
-    if is_streamed(config.dataset):
+    if streaming.is_streamed(config.dataset):
         return streamed_data(config, mesh, channels)
     return in_memory_data(config, mesh, channels)
 

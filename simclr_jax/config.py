@@ -1,14 +1,18 @@
 """Base configs: every field the trainers read, documented where it is defined.
 
-The files in `configs/` start from these builders and change values; they never add fields. Configs are
-locked, so a mistyped field on the command line (`--config.modle.depth=50`) is an error naming it, and
-ml_collections rejects a value of the wrong type (`--config.batch_size=big`). Derived values (the scaled
-learning rate, the number of steps, warmup steps) are computed by the trainers, never stored here.
+The files in `simclr_jax/configs/` start from these builders and change values; they never add
+fields. Configs are locked, so a mistyped field on the command line (`--config.modle.depth=50`) is
+an error naming it, and ml_collections rejects a value of the wrong type (`--config.batch_size=big`).
+Derived values (the scaled learning rate, the number of steps, warmup steps) are computed by the
+trainers, never stored here. The architecture fields of config.model are SimCLRModel's
+(simclr_jax.models.simclr.ARCHITECTURE_FIELDS), listed there once.
 """
 
 from __future__ import annotations
 
 from ml_collections import config_dict
+
+from simclr_jax.models.simclr import ARCHITECTURE_FIELDS, architecture_defaults
 
 ConfigDict = config_dict.ConfigDict
 
@@ -44,22 +48,14 @@ def augment_config() -> ConfigDict:
 
 def model_config() -> ConfigDict:
     """The SimCLR network: ResNet backbone, projection head, classifier (see simclr_jax.models)."""
-    c = ConfigDict()
-    c.depth = 50  # ResNet depth: 18, 34, 50, 101, 152 or 200.
-    c.width_multiplier = 1  # integer channel multiplier (SimCLRv2's 1x/2x/3x).
-    c.base_width = 64  # channels of the first block group before the multiplier (64 = standard).
-    c.sk_ratio = 0.0  # selective-kernel reduction ratio; 0 = off, SimCLRv2 uses 0.0625.
-    c.se_ratio = 0.0  # squeeze-excitation ratio; 0 = off.
+    # The architecture fields (depth, widths, head, BatchNorm constants, ...) with SimCLRModel's
+    # defaults: simclr_jax.models.simclr declares and documents them, once.
+    c = ConfigDict(architecture_defaults())
     # CIFAR stem (3x3 stride-1 conv, no max-pool); None = automatic (image_size <= 32).
     c.cifar_stem = config_dict.placeholder(bool)
-    c.proj_head_mode = "nonlinear"  # 'none', 'linear' or 'nonlinear'.
-    c.num_proj_layers = 3  # layers of the nonlinear head (v1: 2, v2: 3).
-    c.proj_out_dim = 128  # output width of the projection head.
     c.ft_proj_selector = 0  # classifier input: 0 = backbone output, k = k-th projection layer.
     c.zero_init_logits_layer = False  # start the classifier at zero.
     c.fine_tune_after_block = -1  # freeze stages up to k: -1 none, 0 stem, 1..4 block groups.
-    c.bn_momentum = 0.9  # BatchNorm moving-average decay.
-    c.bn_epsilon = 1e-5  # BatchNorm epsilon.
     c.global_bn = True  # BatchNorm statistics over all replicas (the reference default).
     return c
 
@@ -139,19 +135,12 @@ def finetune_model_config() -> ConfigDict:
     defaults when starting from scratch), so the user names only the workdir; a value set here
     wins, and a checkpoint that does not fit it is an error naming the mismatched parameters.
     """
-    c = ConfigDict()
-    # Architecture (None = as the checkpoint; see model_config for the meaning of each).
-    c.depth = config_dict.placeholder(int)  # ResNet depth.
-    c.width_multiplier = config_dict.placeholder(int)  # integer channel multiplier.
-    c.base_width = config_dict.placeholder(int)  # channels of the first block group.
-    c.sk_ratio = config_dict.placeholder(float)  # selective-kernel ratio.
-    c.se_ratio = config_dict.placeholder(float)  # squeeze-excitation ratio.
-    c.cifar_stem = config_dict.placeholder(bool)  # CIFAR stem (checkpoint None = automatic).
-    c.proj_head_mode = config_dict.placeholder(str)  # 'none', 'linear' or 'nonlinear'.
-    c.num_proj_layers = config_dict.placeholder(int)  # layers of the nonlinear head.
-    c.proj_out_dim = config_dict.placeholder(int)  # output width of the projection head.
-    c.bn_momentum = config_dict.placeholder(float)  # BatchNorm moving-average decay.
-    c.bn_epsilon = config_dict.placeholder(float)  # BatchNorm epsilon.
+    # Architecture: every field of model_config() that ARCHITECTURE_FIELDS lists, typed as there
+    # and None = as the checkpoint (cifar_stem None in a checkpoint = automatic).
+    defaults = model_config()
+    c = ConfigDict(
+        {name: config_dict.placeholder(defaults.get_type(name)) for name in ARCHITECTURE_FIELDS}
+    )
     # What this run trains (never inherited):
     # classifier input: 0 = backbone output, k = output of the k-th head layer (SimCLRv2: 1).
     c.ft_proj_selector = 0

@@ -20,23 +20,9 @@ import orbax.checkpoint as ocp
 
 from simclr_jax import config as base_config
 from simclr_jax.data import augment
-from simclr_jax.models import SimCLRModel, build_model
+from simclr_jax.models import ARCHITECTURE_FIELDS, SimCLRModel, build_model
 from simclr_jax.train import checkpoint, metrics
 
-# Fields that describe the network's shape; the rest of config.model says how a run trains it.
-ARCHITECTURE_FIELDS = (
-    "depth",
-    "width_multiplier",
-    "base_width",
-    "sk_ratio",
-    "se_ratio",
-    "cifar_stem",
-    "proj_head_mode",
-    "num_proj_layers",
-    "proj_out_dim",
-    "bn_momentum",
-    "bn_epsilon",
-)
 _CLASSIFIER_KERNEL = "params/classifier/kernel"
 _STEM_KERNEL = "params/backbone/stem/conv1/kernel"
 

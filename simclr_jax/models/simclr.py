@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +15,11 @@ from simclr_jax.models.resnet import STAGE_NAMES, ResNet
 FINE_TUNE_AFTER_BLOCK_RANGE = range(-1, len(STAGE_NAMES))  # -1 (nothing frozen) .. 4
 
 
+def architecture(default: Any) -> Any:
+    """A SimCLRModel field that shapes the network (a field declared so is an architecture field)."""
+    return dataclasses.field(default=default, metadata={"architecture": True})
+
+
 class SimCLRModel(nn.Module):
     """SimCLR v1/v2 network.
 
@@ -23,22 +29,24 @@ class SimCLRModel(nn.Module):
     an online linear probe from training the encoder during pretraining.
     """
 
-    depth: int = 50
-    width_multiplier: int = 1
-    sk_ratio: float = 0.0
-    se_ratio: float = 0.0
-    cifar_stem: bool = False
-    base_width: int = 64
-    proj_head_mode: str = "nonlinear"
-    num_proj_layers: int = 3
-    proj_out_dim: int = 128
+    # Architecture: the network's shape (ARCHITECTURE_FIELDS below lists these fields).
+    depth: int = architecture(50)  # ResNet depth: 18, 34, 50, 101, 152 or 200.
+    width_multiplier: int = architecture(1)  # integer channel multiplier (SimCLRv2's 1x/2x/3x).
+    sk_ratio: float = architecture(0.0)  # selective-kernel ratio; 0 = off, SimCLRv2 uses 0.0625.
+    se_ratio: float = architecture(0.0)  # squeeze-excitation ratio; 0 = off.
+    cifar_stem: bool = architecture(False)  # 3x3 stride-1 stem conv, no max-pool.
+    base_width: int = architecture(64)  # channels of the first block group before the multiplier.
+    proj_head_mode: str = architecture("nonlinear")  # 'none', 'linear' or 'nonlinear'.
+    num_proj_layers: int = architecture(3)  # layers of the nonlinear head (v1: 2, v2: 3).
+    proj_out_dim: int = architecture(128)  # output width of the projection head.
+    bn_momentum: float = architecture(0.9)  # BatchNorm moving-average decay.
+    bn_epsilon: float = architecture(1e-5)  # BatchNorm epsilon.
+    # What a run makes of it: the classifier, its input, what trains.
     num_classes: int = 10
-    ft_proj_selector: int = 0
+    ft_proj_selector: int = 0  # classifier input: 0 = backbone output, k = k-th head layer.
     classifier_stop_gradient: bool = False
-    zero_init_logits_layer: bool = False
-    fine_tune_after_block: int = -1
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    zero_init_logits_layer: bool = False  # start the classifier at zero.
+    fine_tune_after_block: int = -1  # freeze stages up to k: -1 none, 0 stem, 1..4 block groups.
     axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -85,6 +93,21 @@ class SimCLRModel(nn.Module):
         classifier = linear_classifier(self.num_classes, zero_init=self.zero_init_logits_layer)
         outputs["logits"] = classifier(classifier_input)
         return outputs
+
+
+# The fields that describe the network's shape, the one list of them: a checkpoint's saved config
+# gives them to runs that start from it (fine-tuning, distillation), config.model_config() takes
+# their defaults from here, and a new one is one `architecture(...)` field above.
+ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(SimCLRModel) if f.metadata.get("architecture")
+)
+
+
+def architecture_defaults() -> dict[str, Any]:
+    """{field: SimCLRModel's default} for every architecture field."""
+    return {
+        f.name: f.default for f in dataclasses.fields(SimCLRModel) if f.name in ARCHITECTURE_FIELDS
+    }
 
 
 def frozen_mask(tree: Any, fine_tune_after_block: int) -> Any:

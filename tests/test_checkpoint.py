@@ -196,3 +196,111 @@ def test_restore_onto_a_replicated_mesh_target(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+# ------------------------------------------------------------------ corrupt checkpoints (issue 15)
+
+
+def largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def corrupt_silently(step_dir, target, seed: int = 0) -> None:
+    """Writes 64 random bytes into the step's largest data file at the first (seeded) offset that
+    plain orbax restores without an error but with other values: the silent kind of corruption."""
+    import orbax.checkpoint as ocp
+
+    data_files = [
+        p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"
+    ]
+    data_file = max(data_files, key=lambda p: p.stat().st_size)  # array data, not metadata
+    original = data_file.read_bytes()
+    expected = jax.device_get(target)
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        offset = int(rng.integers(0, len(original) - 64))
+        damaged = bytearray(original)
+        damaged[offset : offset + 64] = rng.bytes(64)
+        data_file.write_bytes(bytes(damaged))
+        try:
+            restored = ocp.StandardCheckpointer().restore(
+                step_dir / "state", jax.eval_shape(lambda: target)
+            )
+        except Exception:  # noqa: BLE001 - a loud corruption; look for a silent one
+            continue
+        leaves = zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True)
+        if any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in leaves):
+            return
+    raise AssertionError("no silent corruption found")
+
+
+def capture_warnings(monkeypatch) -> list[str]:
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    return warnings
+
+
+def test_truncated_newest_step_is_moved_aside_and_saving_goes_on(tmp_path, monkeypatch):
+    with CheckpointManager(tmp_path, keep=3) as ckpt:
+        ckpt.save(1, make_state(seed=1))
+        ckpt.save(2, make_state(seed=2))
+    data_file = largest_file(tmp_path / "checkpoints" / "2" / "state")
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    warnings = capture_warnings(monkeypatch)
+    with CheckpointManager(tmp_path, keep=3) as ckpt:
+        assert_trees_equal(ckpt.restore(make_state()), make_state(seed=1))
+        assert ckpt.all_steps() == [1]
+        # The run redoes step 2 and saves it again: no StepAlreadyExistsError.
+        assert ckpt.save(2, make_state(seed=2), force=True)
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 2]
+    aside = tmp_path / "corrupt_checkpoints" / "2"
+    assert (aside / "state").is_dir()  # kept for inspection, not deleted
+    moved = [w for w in warnings if "moved" in w]
+    assert len(moved) == 1 and "step 2" in moved[0] and str(aside) in moved[0], warnings
+    assert "\n" not in moved[0]
+    with CheckpointManager(tmp_path) as ckpt:
+        assert_trees_equal(ckpt.restore(make_state()), make_state(seed=2))
+
+
+def test_silent_corruption_fails_the_digest_and_falls_back(tmp_path, monkeypatch):
+    with CheckpointManager(tmp_path, keep=3) as ckpt:
+        ckpt.save(1, make_state(seed=1, width=32))
+        ckpt.save(2, make_state(seed=2, width=32))
+    corrupt_silently(tmp_path / "checkpoints" / "2", make_state(seed=2, width=32))
+    warnings = capture_warnings(monkeypatch)
+    # Weights-only restore (fine-tuning from this workdir) is read-only: it skips the step.
+    weights = restore_weights(tmp_path, make_variables(width=32))
+    expected = make_state(seed=1, width=32)
+    assert_trees_equal(weights, {"params": expected.params, "batch_stats": expected.batch_stats})
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+    with CheckpointManager(tmp_path, keep=3) as ckpt:
+        assert_trees_equal(ckpt.restore(make_state(width=32)), expected)
+    assert any("step 2" in w and "digest" in w for w in warnings), warnings
+    assert (tmp_path / "corrupt_checkpoints" / "2").is_dir()
+
+
+def test_nonfinite_checkpoint_is_not_trusted(tmp_path, monkeypatch):
+    bad = make_state(seed=2)
+    bad = bad.replace(params=jax.tree.map(lambda p: p.at[0].set(jnp.nan), bad.params))
+    with CheckpointManager(tmp_path, keep=3) as ckpt:
+        ckpt.save(1, make_state(seed=1))
+        ckpt.save(2, bad)
+    warnings = capture_warnings(monkeypatch)
+    with CheckpointManager(tmp_path) as ckpt:
+        assert_trees_equal(ckpt.restore(make_state()), make_state(seed=1))
+    assert any("NaN/inf" in w for w in warnings), warnings
+    with CheckpointManager(tmp_path) as ckpt, pytest.raises(RuntimeError, match="NaN/inf"):
+        ckpt.save(2, bad, force=True)
+        ckpt.wait()
+        ckpt.restore(make_state(), step=2)  # an explicit step is verified too, and not moved
+
+
+def test_leftover_temporary_folders_are_removed(tmp_path):
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, make_state(seed=1))
+    stray = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234567"
+    (stray / "state").mkdir(parents=True)
+    with CheckpointManager(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]

@@ -1,18 +1,21 @@
 """Checkpoints: orbax's CheckpointManager, plus the checks a training run needs around it.
 
-Each step directory holds two items: 'state' (the TrainState arrays, saved asynchronously from
-every process) and 'config' (the resolved run config as JSON, so a checkpoint says how it was
-made). Before restoring we compare the checkpoint's tree metadata with the target, so a
-checkpoint from another architecture fails with the offending parameter paths instead of an
-opaque tensorstore error. If the newest step cannot be read (a half-deleted or corrupt
-directory; orbax already hides uncommitted tmp directories), we fall back to the previous one.
+Each step directory holds three items: 'state' (the TrainState arrays, saved asynchronously from
+every process), 'config' (the resolved run config as JSON, so a checkpoint says how it was made)
+and 'digest' (a SHA-256 of every array, train/verify.py). Before restoring we compare the
+checkpoint's tree metadata with the target, so a checkpoint from another architecture fails with
+the offending parameter paths instead of an opaque tensorstore error. After restoring, the values
+must match the digest and be finite. A step that cannot be read or does not verify is moved aside
+to `workdir/corrupt_checkpoints/<step>` (kept for inspection, never deleted) with one warning
+line, and the next older step is tried; the run then saves that step number again as usual.
+Temporary folders of saves cut short (a kill during a write) are removed when the manager opens.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -20,14 +23,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
+
+from simclr_jax.train import verify
 
 STATE = "state"
 CONFIG = "config"
+DIGEST = "digest"
+ASIDE = "corrupt_checkpoints"  # beside `checkpoints`: where steps that fail verification go
 _MAX_LISTED_PATHS = 20
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's parameter tree does not match the model it is restored into."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint's values do not match the digest saved with them, or are not finite."""
 
 
 def absolute_path(path: epath.PathLike) -> epath.Path:
@@ -66,12 +78,14 @@ class CheckpointManager:
             item_handlers={
                 STATE: ocp.StandardCheckpointHandler(),
                 CONFIG: ocp.JsonCheckpointHandler(),
+                DIGEST: ocp.JsonCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 save_interval_steps=save_every,
                 enable_async_checkpointing=async_save,
                 create=True,
+                cleanup_tmp_directories=True,
             ),
         )
 
@@ -83,8 +97,17 @@ class CheckpointManager:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Starts saving `state` at `step` (if due or forced); returns whether a save started."""
-        items = {STATE: ocp.args.StandardSave(state)}
+        """Starts saving `state` at `step` (if due or forced); returns whether a save started.
+
+        The digest is computed here, from the arrays as they are now (one host copy): the step
+        that follows may donate their buffers.
+        """
+        if not force and not self._manager.should_save(int(step)):
+            return False
+        items = {
+            STATE: ocp.args.StandardSave(state),
+            DIGEST: ocp.args.JsonSave(verify.tree_digest(state)),
+        }
         if self._config is not None:
             items[CONFIG] = ocp.args.JsonSave(self._config)
         return self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
@@ -94,7 +117,9 @@ class CheckpointManager:
 
         `target` is a state of arrays or of `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`);
         restored arrays take its shardings and dtypes, so a mesh-replicated target gives
-        mesh-replicated arrays. Static fields (the optimizer) come from `target`.
+        mesh-replicated arrays. Static fields (the optimizer) come from `target`. Without `step`,
+        steps that cannot be read or fail verification are moved aside (see the module doc); an
+        explicit `step` that fails raises CorruptCheckpointError and stays where it is.
         """
         abstract = abstract_tree(target)
 
@@ -102,9 +127,25 @@ class CheckpointManager:
             where = f"step {at} in {manager.directory}"
             check_compatible(_saved_tree(manager, at), abstract, where=where)
             args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)})
-            return manager.restore(at, args=args)[STATE]
+            return _verified(manager, at, manager.restore(at, args=args)[STATE])
 
-        return _restore_with_fallback(self._manager, step, restore_step)
+        return _restore_with_fallback(self._manager, step, restore_step, self._set_aside)
+
+    def _set_aside(self, step: int) -> epath.Path:
+        """Moves step `step` to workdir/corrupt_checkpoints (process 0; all wait), then reloads."""
+        source = self.directory / str(step)
+        aside = self.directory.parent / ASIDE / str(step)
+        copies = 0
+        while aside.exists():
+            copies += 1
+            aside = self.directory.parent / ASIDE / f"{step}-{copies}"
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"simclr_jax set aside checkpoint {step}")
+        self._manager.reload()
+        return aside
 
     def config(self, step: int | None = None) -> dict | None:
         """The run config saved with `step` (default newest), or None if none was saved."""
@@ -146,7 +187,7 @@ def restore_weights(
     abstract = abstract_tree(dict(target))
     manager = ocp.CheckpointManager(
         directory,
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(), DIGEST: ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
 
@@ -158,7 +199,8 @@ def restore_weights(
         args = ocp.args.PyTreeRestore(
             item=abstract, restore_args=restore_args, partial_restore=True
         )
-        return manager.restore(at, args=ocp.args.Composite(**{STATE: args}))[STATE]
+        restored = manager.restore(at, args=ocp.args.Composite(**{STATE: args}))[STATE]
+        return _verified(manager, at, restored)
 
     try:
         return _restore_with_fallback(manager, step, restore_step)
@@ -251,8 +293,44 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
     return getattr(metadata, "tree", metadata)
 
 
-def _restore_with_fallback(manager: ocp.CheckpointManager, step: int | None, restore_step) -> Any:
-    """Restores `step`, or the newest step that reads, warning about each one skipped."""
+def _verified(manager: ocp.CheckpointManager, step: int, restored: Any) -> Any:
+    """`restored` if it matches the step's digest and is finite; else CorruptCheckpointError."""
+    digest = None
+    if (manager.directory / str(step) / DIGEST).exists():
+        args = ocp.args.Composite(**{DIGEST: ocp.args.JsonRestore()})
+        digest = manager.restore(step, args=args)[DIGEST]
+    problem = verify.problems(restored, digest)
+    if problem:
+        raise CorruptCheckpointError(f"checkpoint step {step} in {manager.directory}: {problem}")
+    return restored
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True only if `ok` on every process, so all of them take the same branch."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _one_line(error: BaseException | None, limit: int = 300) -> str:
+    if error is None:
+        return "unreadable or unverified on another process"
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _restore_with_fallback(
+    manager: ocp.CheckpointManager,
+    step: int | None,
+    restore_step: Callable[[ocp.CheckpointManager, int], Any],
+    set_aside: Callable[[int], epath.Path] | None = None,
+) -> Any:
+    """Restores `step`, or the newest step that reads and verifies.
+
+    Each step skipped gets one warning line; with `set_aside` (a run's own workdir) it is also
+    moved out of the way, so the run can save that step number again. A weights-only reader
+    of another run's workdir passes none and leaves the files alone.
+    """
     if step is not None:
         return restore_step(manager, step)
     steps: Iterable[int] = sorted(manager.all_steps(), reverse=True)
@@ -261,10 +339,29 @@ def _restore_with_fallback(manager: ocp.CheckpointManager, step: int | None, res
     first_error = None
     for at in steps:
         try:
-            return restore_step(manager, at)
+            restored, error = restore_step(manager, at), None
         except CheckpointMismatchError:
             raise
-        except Exception as error:  # noqa: BLE001 - any unreadable step is skipped, then reported
-            logging.warning("checkpoint step %d is unreadable (%r); trying an older one", at, error)
-            first_error = first_error or error
-    raise RuntimeError(f"no readable checkpoint in {manager.directory}") from first_error
+        except Exception as caught:  # noqa: BLE001 - any unreadable step is skipped, then reported
+            restored, error = None, caught
+        if _all_processes_agree(error is None):
+            return restored
+        first_error = first_error or error
+        if set_aside is None:
+            logging.warning(
+                "checkpoint step %d is unreadable or corrupt (%s); trying an older one",
+                at,
+                _one_line(error),
+            )
+        else:
+            aside = set_aside(at)
+            logging.warning(
+                "checkpoint step %d is unreadable or corrupt (%s); moved to %s; trying an older one",
+                at,
+                _one_line(error),
+                aside,
+            )
+    raise RuntimeError(
+        f"no checkpoint in {manager.directory} reads and verifies"
+        + (f" (the bad ones were moved to {manager.directory.parent / ASIDE})" if set_aside else "")
+    ) from first_error

@@ -1,10 +1,13 @@
 """SimCLR augmentations in JAX, run on the accelerator inside the jitted step.
 
-Semantics follow the reference SimCLR (v2 defaults): random-resized crop (area [crop_min_area, 1],
-aspect 3/4-4/3, bicubic resize), horizontal flip p=0.5, colour jitter p=0.8 with strength s
-(brightness x * U[1-0.8s, 1+0.8s], contrast and saturation factors U[1-0.8s, 1+0.8s], hue shift
-U[-0.2s, 0.2s], in a random order, clipped to [0, 1] after each), grayscale p=0.2, then Gaussian
-blur p=0.5 with sigma U[0.1, 2] and a kernel of image_side // 10 taps (made odd).
+Semantics follow the reference SimCLR (v2 defaults): random-resized crop with the sampler of TF's
+sample_distorted_bounding_box as the reference calls it (area [crop_min_area, 1], aspect uniform in
+3/4-4/3, then the height uniform, at least 10% of the image covered, 100 attempts, else the whole
+image), bicubic resize without antialiasing, horizontal flip p=0.5, colour jitter p=0.8 with
+strength s (brightness x * U[1-0.8s, 1+0.8s], or v1's x + U[-0.8s, 0.8s], contrast and saturation
+factors U[1-0.8s, 1+0.8s], hue shift U[-0.2s, 0.2s], in a random order, clipped to [0, 1] after
+each), grayscale p=0.2, then Gaussian blur p=0.5 with sigma U[0.1, 2] and a kernel of
+image_side // 10 taps (made odd).
 
 Every op works on ONE float image [H, W, C] in [0, 1] and is public so it can be tested alone; the
 batch functions vmap them. Each example's randomness comes from fold_in(key, example_id), so a view
@@ -14,22 +17,24 @@ caller folds the step into `key` (different views every step).
 Grayscale images (C=1, Fashion-MNIST): saturation, hue and grayscale are the identity; brightness,
 contrast, crop, flip and blur apply as for RGB.
 
-Two deliberate differences from the reference: the crop gives up after 10 attempts (as torchvision;
-the reference tries 100) and falls back to the whole image like the reference; the blur pads by
-reflection rather than with zeros, so it does not darken the border.
+Deliberate differences from the reference (README, "Differences from the reference"): the blur
+pads by reflection rather than with zeros, so it does not darken the border, and draws its sigma per
+image (the reference draws one per batch); the crop's bicubic taps at the window's edge read the
+image just outside the window (the reference resizes the cut-out crop, repeating its edge).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 CROP_PROPORTION = 0.875  # eval centre crop for images larger than 32 px (reference).
 ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+BRIGHTNESS_MODES = ("multiplicative", "additive")  # SimCLRv2 (default), SimCLR v1
 GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R 601 luma, as tf.image.rgb_to_grayscale.
 
 
@@ -41,8 +46,9 @@ def to_float(images: jax.Array) -> jax.Array:
 # Compile time matters (CPU tests, big TPU programs): every jax.random call is a threefry instance
 # that XLA compiles separately, so each view draws ALL its random numbers in one uniform call and
 # the ops below read their share of that vector. The key-taking public ops are thin wrappers.
-CROP_ATTEMPTS = 10
-_CROP_UNIFORMS = 2 * CROP_ATTEMPTS + 2  # area and log-aspect per attempt, then top and left
+CROP_ATTEMPTS = 100  # the reference's max_attempts
+MIN_OBJECT_COVERED = 0.1  # the reference's min_object_covered: no crop under 10% of the image
+_CROP_UNIFORMS = 2 * CROP_ATTEMPTS + 2  # aspect and height per attempt, then top and left
 _JITTER_UNIFORMS = 8  # 4 to order the ops (argsort), 4 strengths
 _VIEW_LAYOUT = {  # name -> (start, stop) in a view's uniform vector
     "crop": (0, _CROP_UNIFORMS),
@@ -67,22 +73,52 @@ def crop_box_from_uniforms(
     *,
     min_area: float = 0.08,
     aspect_range: tuple[float, float] = ASPECT_RANGE,
+    min_object_covered: float = MIN_OBJECT_COVERED,
 ) -> jax.Array:
-    """Crop box int32 [top, left, h, w] from uniforms u [2 * attempts + 2]; see sample_crop_box."""
+    """Crop box int32 [top, left, h, w] from uniforms u [2 * attempts + 2]; see sample_crop_box.
+
+    u[i] sets attempt i's aspect, u[attempts + i] its height; u[-2], u[-1] the offsets. Every
+    attempt is computed at once (no loop) and the first valid one wins, which is what TF's loop
+    with early exit returns.
+    """
     attempts = (u.shape[0] - 2) // 2
-    area = (min_area + (1.0 - min_area) * u[:attempts]) * (height * width)
-    lo, hi = math.log(aspect_range[0]), math.log(aspect_range[1])
-    ratio = jnp.exp(lo + (hi - lo) * u[attempts : 2 * attempts])
-    w = jnp.round(jnp.sqrt(area * ratio)).astype(jnp.int32)
-    h = jnp.round(jnp.sqrt(area / ratio)).astype(jnp.int32)
-    fits = (w >= 1) & (h >= 1) & (w <= width) & (h <= height)
-    first = jnp.argmax(fits)
-    found = fits[first]
-    h = jnp.where(found, h[first], height)
-    w = jnp.where(found, w[first], width)
-    top = jnp.floor(u[-2] * (height - h + 1)).astype(jnp.int32)
-    left = jnp.floor(u[-1] * (width - w + 1)).astype(jnp.int32)
-    return jnp.stack([jnp.minimum(top, height - h), jnp.minimum(left, width - w), h, w])
+    f32 = np.float32  # constants rounded as TF's float32 kernel rounds them
+    image_area = f32(height * width)
+    min_px = f32(f32(min_area) * f32(width)) * f32(height)  # area_range = (min_area, 1)
+    max_px = image_area
+    lo, hi = f32(aspect_range[0]), f32(aspect_range[1])
+    aspect = u[:attempts] * (hi - lo) + lo
+    low = jnp.rint(jnp.sqrt(min_px / aspect))
+    high = jnp.rint(jnp.sqrt(max_px / aspect))
+    # The tallest crop whose rounded width still fits (TF's correction for wide aspects).
+    too_wide = jnp.rint(high * aspect) > width
+    high = jnp.where(too_wide, jnp.floor((width + 0.5 - 1e-7) / aspect), high)
+    high = jnp.where(too_wide & (jnp.rint(high * aspect) > width), high - 1, high)
+    high = jnp.minimum(high, height)
+    low = jnp.minimum(low, high)
+    h = jnp.minimum(low + jnp.floor(u[attempts : 2 * attempts] * (high - low + 1)), high)
+    w = jnp.rint(h * aspect)
+    # One step up, then one down, when rounding left the area outside [min_px, max_px] (as TF).
+    grow = w * h < min_px
+    h = jnp.where(grow, h + 1, h)
+    w = jnp.where(grow, jnp.rint(h * aspect), w)
+    shrink = w * h > max_px
+    h = jnp.where(shrink, h - 1, h)
+    w = jnp.where(shrink, jnp.rint(h * aspect), w)
+    area = w * h
+    valid = (area >= min_px) & (area <= max_px) & (w >= 1) & (h >= 1)
+    valid &= (w <= width) & (h <= height) & (area / image_area >= min_object_covered)
+    first = jnp.argmax(valid)
+    found = valid[first]
+    h = jnp.where(found, h[first], height).astype(jnp.int32)
+    w = jnp.where(found, w[first], width).astype(jnp.int32)
+    # TF draws the offset from {0 .. height - h - 1}: a crop reaches the last row or column only
+    # when it spans the whole side.
+    top = jnp.floor(u[-2] * (height - h)).astype(jnp.int32)
+    left = jnp.floor(u[-1] * (width - w)).astype(jnp.int32)
+    top = jnp.clip(top, 0, jnp.maximum(height - h - 1, 0))
+    left = jnp.clip(left, 0, jnp.maximum(width - w - 1, 0))
+    return jnp.stack([top, left, h, w])
 
 
 def sample_crop_box(
@@ -93,23 +129,35 @@ def sample_crop_box(
     min_area: float = 0.08,
     aspect_range: tuple[float, float] = ASPECT_RANGE,
     attempts: int = CROP_ATTEMPTS,
+    min_object_covered: float = MIN_OBJECT_COVERED,
 ) -> jax.Array:
-    """A random crop box int32 [top, left, h, w]: area [min_area, 1] of the image, aspect w/h in
-    aspect_range.
+    """A random crop box int32 [top, left, h, w] with the reference sampler's semantics.
 
-    All `attempts` proposals are drawn at once (no loop); the first that fits inside the image wins,
-    and if none fits the box is the whole image (as the reference). The offset is uniform over the
-    valid positions.
+    As TF's sample_distorted_bounding_box, called by the reference with area_range (min_area, 1),
+    min_object_covered 0.1 and 100 attempts: each attempt draws the aspect w/h uniformly in
+    aspect_range, then the height uniformly among the whole heights whose area fits the range
+    (so the area density falls like 1/sqrt(area)), width = round(aspect * height); an attempt
+    covering less than min_object_covered of the image is rejected; after `attempts` misses the
+    box is the whole image.
     """
     u = jax.random.uniform(key, (2 * attempts + 2,))
-    return crop_box_from_uniforms(u, height, width, min_area=min_area, aspect_range=aspect_range)
+    return crop_box_from_uniforms(
+        u,
+        height,
+        width,
+        min_area=min_area,
+        aspect_range=aspect_range,
+        min_object_covered=min_object_covered,
+    )
 
 
 def crop_and_resize(image: jax.Array, box: jax.Array, out_size: int) -> jax.Array:
     """The window `box` = [top, left, h, w] (traced) of `image`, resized (bicubic) to out_size^2.
 
     One scale-and-translate: the output shape is static while the window is data-dependent, so it
-    jits and vmaps. Antialiased when the window is larger than the output.
+    jits and vmaps. Not antialiased and not clipped, as the reference's tf.image.resize (values may
+    overshoot [0, 1]; the views clip where the reference does). The outermost output pixels read
+    the image just outside the window, where TF, resizing the cut-out crop, repeats its edge.
     """
     box = box.astype(jnp.float32)
     scale = jnp.stack([out_size / box[2], out_size / box[3]])
@@ -121,9 +169,9 @@ def crop_and_resize(image: jax.Array, box: jax.Array, out_size: int) -> jax.Arra
         scale=scale,
         translation=translation,
         method="cubic",
-        antialias=True,
+        antialias=False,
     )
-    return jnp.clip(out, 0.0, 1.0)
+    return out
 
 
 def random_resized_crop(
@@ -150,11 +198,12 @@ def random_flip(key: jax.Array, image: jax.Array) -> jax.Array:
 
 
 def resize(image: jax.Array, out_size: int) -> jax.Array:
-    """Whole image bicubic-resized to out_size^2 (the identity when already that size)."""
-    if image.shape[0] == out_size and image.shape[1] == out_size:
+    """Image(s) [..., H, W, C] bicubic-resized to out_size^2 and clipped to [0, 1] (the identity
+    when already that size). Not antialiased, as the reference's tf.image.resize."""
+    if image.shape[-3] == out_size and image.shape[-2] == out_size:
         return image
     shape = (*image.shape[:-3], out_size, out_size, image.shape[-1])
-    return jnp.clip(jax.image.resize(image, shape, method="cubic", antialias=True), 0.0, 1.0)
+    return jnp.clip(jax.image.resize(image, shape, method="cubic", antialias=False), 0.0, 1.0)
 
 
 def center_crop(image: jax.Array, out_size: int, crop_proportion: float = CROP_PROPORTION):
@@ -171,6 +220,11 @@ def center_crop(image: jax.Array, out_size: int, crop_proportion: float = CROP_P
 def adjust_brightness(image: jax.Array, factor: jax.Array | float) -> jax.Array:
     """Multiplicative brightness (reference 'simclrv2' mode): x * factor."""
     return image * factor
+
+
+def shift_brightness(image: jax.Array, delta: jax.Array | float) -> jax.Array:
+    """Additive brightness (reference 'simclrv1' mode, tf.image.adjust_brightness): x + delta."""
+    return image + delta
 
 
 def adjust_contrast(image: jax.Array, factor: jax.Array | float) -> jax.Array:
@@ -229,7 +283,9 @@ def adjust_hsv(image: jax.Array, saturation: jax.Array | float, hue: jax.Array |
     return hsv_to_rgb(hsv)
 
 
-def _jitter_from_uniforms(u: jax.Array, image: jax.Array, strength: float) -> jax.Array:
+def _jitter_from_uniforms(
+    u: jax.Array, image: jax.Array, strength: float, brightness: str = "multiplicative"
+) -> jax.Array:
     """Colour jitter from 8 uniforms: u[:4] order the ops (argsort: a uniform permutation), u[4:]
     set the brightness, contrast, saturation factors U[1 - 0.8s, 1 + 0.8s] and the hue shift
     U[-0.2s, 0.2s].
@@ -245,7 +301,11 @@ def _jitter_from_uniforms(u: jax.Array, image: jax.Array, strength: float) -> ja
     def between(x, lo, hi):
         return lo + (hi - lo) * x
 
-    brightness = between(u[4], max(1.0 - b, 0.0), 1.0 + b)
+    if brightness not in BRIGHTNESS_MODES:
+        raise ValueError(f"brightness must be one of {BRIGHTNESS_MODES}, got {brightness!r}")
+    additive = brightness == "additive"
+    # v2: a factor U[max(1 - b, 0), 1 + b]; v1: a shift U[-b, b] (tf.image.random_brightness).
+    bright = between(u[4], -b, b) if additive else between(u[4], max(1.0 - b, 0.0), 1.0 + b)
     contrast = between(u[5], max(1.0 - c, 0.0), 1.0 + c)
     saturation = between(u[6], max(1.0 - s, 0.0), 1.0 + s)
     hue = between(u[7], -h, h)
@@ -253,7 +313,10 @@ def _jitter_from_uniforms(u: jax.Array, image: jax.Array, strength: float) -> ja
 
     def slot(i, image):
         op = order[i]
-        image = adjust_brightness(image, jnp.where(op == 0, brightness, 1.0))
+        if additive:
+            image = shift_brightness(image, jnp.where(op == 0, bright, 0.0))
+        else:
+            image = adjust_brightness(image, jnp.where(op == 0, bright, 1.0))
         image = adjust_contrast(image, jnp.where(op == 1, contrast, 1.0))
         if image.shape[-1] > 1:
             hsv_params = jnp.where(op == 2, saturation, 1.0), jnp.where(op == 3, hue, 0.0)
@@ -263,24 +326,30 @@ def _jitter_from_uniforms(u: jax.Array, image: jax.Array, strength: float) -> ja
     return lax.fori_loop(0, 4, slot, image)
 
 
-def color_jitter(key: jax.Array, image: jax.Array, strength: float) -> jax.Array:
+def color_jitter(
+    key: jax.Array, image: jax.Array, strength: float, brightness: str = "multiplicative"
+) -> jax.Array:
     """Brightness, contrast, saturation (each 0.8 s) and hue (0.2 s) in a random order, clipped
     after each (always applied; random_color_distortion adds the p=0.8 gate)."""
-    return _jitter_from_uniforms(jax.random.uniform(key, (_JITTER_UNIFORMS,)), image, strength)
+    u = jax.random.uniform(key, (_JITTER_UNIFORMS,))
+    return _jitter_from_uniforms(u, image, strength, brightness)
 
 
-def _color_from_uniforms(u_apply, u_jitter, u_gray, image, strength):
+def _color_from_uniforms(u_apply, u_jitter, u_gray, image, strength, brightness="multiplicative"):
     if strength > 0:
-        image = jnp.where(u_apply < 0.8, _jitter_from_uniforms(u_jitter, image, strength), image)
+        jittered = _jitter_from_uniforms(u_jitter, image, strength, brightness)
+        image = jnp.where(u_apply < 0.8, jittered, image)
     if image.shape[-1] > 1:
         image = jnp.where(u_gray < 0.2, to_grayscale(image), image)
     return image
 
 
-def random_color_distortion(key: jax.Array, image: jax.Array, strength: float) -> jax.Array:
+def random_color_distortion(
+    key: jax.Array, image: jax.Array, strength: float, brightness: str = "multiplicative"
+) -> jax.Array:
     """Colour jitter with p=0.8, then grayscale with p=0.2 (the reference's colour distortion)."""
     u = jax.random.uniform(key, (_JITTER_UNIFORMS + 2,))
-    return _color_from_uniforms(u[0], u[2:], u[1], image, strength)
+    return _color_from_uniforms(u[0], u[2:], u[1], image, strength, brightness)
 
 
 # -------------------------------------------------------------------------------------------- blur
@@ -331,6 +400,7 @@ def simclr_view(
     crop_min_area: float = 0.08,
     flip: bool = True,
     crop: bool = True,
+    brightness: str = "multiplicative",
 ) -> jax.Array:
     """One SimCLR view of one uint8 image [H, W, C]: crop, flip, colour, blur; float32 in [0, 1]."""
     return _view_from_uniforms(
@@ -342,10 +412,13 @@ def simclr_view(
         crop_min_area=crop_min_area,
         flip=flip,
         crop=crop,
+        brightness=brightness,
     )
 
 
-def _view_from_uniforms(u, image, *, out_size, color_strength, use_blur, crop_min_area, flip, crop):
+def _view_from_uniforms(
+    u, image, *, out_size, color_strength, use_blur, crop_min_area, flip, crop, brightness
+):
     image = to_float(image)
     if crop:
         image = _crop_from_uniforms(_part(u, "crop"), image, out_size, crop_min_area)
@@ -353,12 +426,14 @@ def _view_from_uniforms(u, image, *, out_size, color_strength, use_blur, crop_mi
         image = resize(image, out_size)
     if flip:
         image = flip_left_right(image, _part(u, "flip")[0] < 0.5)
+    u_apply, u_gray = _part(u, "jitter_apply")[0], _part(u, "gray")[0]
     image = _color_from_uniforms(
-        _part(u, "jitter_apply")[0], _part(u, "jitter"), _part(u, "gray")[0], image, color_strength
+        u_apply, _part(u, "jitter"), u_gray, image, color_strength, brightness
     )
+    image = jnp.clip(image, 0.0, 1.0)  # where the reference clips: before the (batched) blur
     if use_blur:
-        image = _blur_from_uniforms(_part(u, "blur"), image)
-    return jnp.clip(image, 0.0, 1.0)
+        image = jnp.clip(_blur_from_uniforms(_part(u, "blur"), image), 0.0, 1.0)
+    return image
 
 
 def example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
@@ -367,7 +442,15 @@ def example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("out_size", "color_strength", "use_blur", "crop_min_area", "flip")
+    jax.jit,
+    static_argnames=(
+        "out_size",
+        "color_strength",
+        "use_blur",
+        "crop_min_area",
+        "flip",
+        "brightness",
+    ),
 )
 def simclr_views(
     key: jax.Array,
@@ -379,11 +462,13 @@ def simclr_views(
     use_blur: bool,
     crop_min_area: float = 0.08,
     flip: bool = True,
+    brightness: str = "multiplicative",
 ) -> tuple[jax.Array, jax.Array]:
     """Two independent views float32 [B, out, out, C] of uint8 images [B, H, W, C].
 
     `images` may also be [B, 2, S, S, C]: two crops per image already taken on the host
     (variable-size datasets, see tfds_source.host_pipeline); view v then uses crop v, uncropped.
+    brightness: 'multiplicative' (SimCLRv2, the default) or 'additive' (SimCLR v1).
     """
     precropped = images.ndim == 5
     view = functools.partial(
@@ -394,6 +479,7 @@ def simclr_views(
         crop_min_area=crop_min_area,
         flip=flip,
         crop=not precropped,
+        brightness=brightness,
     )
 
     def both(k, image):
@@ -429,7 +515,8 @@ def finetune_views(
             image = _crop_from_uniforms(u[:-1], image, out_size, crop_min_area)
         else:
             image = resize(image, out_size)
-        return flip_left_right(image, u[-1] < 0.5) if flip else image
+        image = flip_left_right(image, u[-1] < 0.5) if flip else image
+        return jnp.clip(image, 0.0, 1.0)
 
     return jax.vmap(one)(example_keys(key, example_ids), images)
 

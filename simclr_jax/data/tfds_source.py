@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from simclr_jax.data.arrays import ImageArrays
+from simclr_jax.data.augment import ASPECT_RANGE, CROP_ATTEMPTS, MIN_OBJECT_COVERED
 
 CROP_PROPORTION = 0.875  # eval centre crop, the ImageNet standard used by the reference.
 _INSTALL_HINT = "install the [tfds] extra: pip install tensorflow-cpu tensorflow-datasets"
@@ -109,23 +110,31 @@ def _decode(tf, encoded, channels: int):
 
 
 def _resize_uint8(tf, image, size: int):
-    """Bicubic resize to [size, size] (as the reference), rounded back to uint8."""
-    image = tf.image.resize(image, [size, size], method="bicubic", antialias=True)
+    """Bicubic resize to [size, size] without antialiasing (as the reference), back to uint8."""
+    image = tf.image.resize(image, [size, size], method="bicubic", antialias=False)
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def random_crop_uint8(tf, image, size: int, seed, *, min_area: float = 0.08):
-    """Random-resized crop (area [min_area, 1], aspect 3/4-4/3; whole image after 100 misses)."""
+def random_crop_window(tf, shape, seed, *, min_area: float = 0.08):
+    """(begin, size) of a random crop, the reference's call: area [min_area, 1], aspect 3/4-4/3,
+    at least 10% of the image covered, whole image after 100 misses (augment.sample_crop_box is the
+    same sampler on the accelerator)."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
+        shape,
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
         seed=seed,
-        min_object_covered=min_area,
-        aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+        min_object_covered=MIN_OBJECT_COVERED,
+        aspect_ratio_range=ASPECT_RANGE,
         area_range=(min_area, 1.0),
-        max_attempts=100,
+        max_attempts=CROP_ATTEMPTS,
         use_image_if_no_bounding_boxes=True,
     )
+    return begin, crop_size
+
+
+def random_crop_uint8(tf, image, size: int, seed, *, min_area: float = 0.08):
+    """Random-resized crop (random_crop_window), bicubic-resized to size^2."""
+    begin, crop_size = random_crop_window(tf, tf.shape(image), seed, min_area=min_area)
     return _resize_uint8(tf, tf.slice(image, begin, crop_size), size)
 
 

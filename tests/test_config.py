@@ -41,6 +41,9 @@ def test_reference_recipes():
     assert (cifar.batch_size, cifar.optim.base_lr, cifar.optim.lr_scaling) == (512, 1.0, "linear")
     assert (cifar.loss.temperature, cifar.augment.color_jitter_strength) == (0.5, 0.5)
     assert not cifar.augment.use_blur and cifar.num_epochs == 1000
+    # The reference CIFAR command keeps run.py's default head: 3 layers to 128 dims.
+    head = (cifar.model.depth, cifar.model.num_proj_layers, cifar.model.proj_out_dim)
+    assert head == (18, 3, 128)
     small = parse([f"--config={CONFIGS / 'pretrain_cifar10.py'}:small_batch"])
     assert (small.optim.lr_scaling, small.model.num_proj_layers, small.model.proj_out_dim) == (
         "sqrt",

@@ -4,9 +4,11 @@
     python -m simclr_jax.pretrain --config=configs/pretrain_cifar10.py:small_batch --workdir=/tmp/c10s
 
 Presets:
-  reference (default)  the reference recipe: ResNet-18, batch 512, LARS lr 1.0 (linear scaling),
-                       weight decay 1e-4, temperature 0.5, colour strength 0.5, no blur, 1000 epochs.
-                       The reference reports about 94% linear-eval accuracy for ResNet-50 at this length.
+  reference (default)  the reference README's CIFAR-10 command: ResNet-18, the default 3-layer head
+                       to 128 dims, batch 512, LARS lr 1.0 (linear scaling), weight decay 1e-4,
+                       temperature 0.5, colour strength 0.5, no blur, 10 warmup epochs, 1000 epochs.
+                       Its README reports about 91% accuracy after its linear evaluation (the SimCLR
+                       paper reports 94% for a ResNet-50).
   small_batch          batch 256, lr 0.2 with sqrt scaling, a 2-layer head to 64 dims, temperature 0.2.
 """
 
@@ -33,7 +35,7 @@ def get_config(arg: str | None = None):
         c.optim.base_lr = 1.0
         c.optim.lr_scaling = "linear"
         c.loss.temperature = 0.5
-        c.model.num_proj_layers = 2
+        c.model.num_proj_layers = 3  # the reference's default (its CIFAR command keeps it)
     elif preset == "small_batch":
         c.batch_size = 256
         c.optim.base_lr = 0.2

@@ -105,7 +105,7 @@ def test_heartbeat_refreshes_the_lock_and_notices_a_thief(tmp_path, monkeypatch)
     assert (tmp_path / workdir_lock.LOCK_FILE).exists()  # the other run's lock stays
 
 
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
+@pytest.mark.filterwarnings("ignore:os.fork():RuntimeWarning")
 def test_concurrent_starts_get_exactly_one_lock(tmp_path):
     # Four forked processes wait on one pipe, then all try to create the lock at once (file
     # operations only: the children never touch jax).

@@ -77,8 +77,8 @@ def bench_config(
     proj_out_dim: int = 128,
     num_proj_layers: int = 2,
 ) -> ml_collections.ConfigDict:
-    """A pretraining config as the presets in configs/ set it (CIFAR recipe at <= 32 px, else
-    ImageNet's: colour strength 1.0 and blur)."""
+    """A pretraining config as the presets in simclr_jax/configs/ set it (CIFAR recipe at <= 32 px,
+    else ImageNet's: colour strength 1.0 and blur)."""
     c = base_config.pretrain_config()
     c.dataset.image_size = image_size
     small = image_size <= 32

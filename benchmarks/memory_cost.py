@@ -9,17 +9,14 @@ round-robin (ROUNDS x STEPS steps of each variant in turn) so load changes hit a
 
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, "configs")
-import pretrain_fashion_mnist  # noqa: E402
-
-from simclr_jax import parallel, pretrain  # noqa: E402
-from simclr_jax.models import build_model  # noqa: E402
+from simclr_jax import parallel, pretrain
+from simclr_jax.configs import pretrain_fashion_mnist
+from simclr_jax.models import build_model
 
 BATCH, DIM, WARMUP, ROUNDS, STEPS = 64, 128, 3, 5, 6
 VARIANTS = {"off": 0, "queue_4096": 4096, "queue_65536": 65536}

@@ -148,8 +148,7 @@ def _alias_line(hlo_text: str) -> str:
 
 def trainer_recompiles(steps: int) -> None:
     """Run the real trainer with jax_log_compiles and count compilations per function name."""
-    sys.path.insert(0, str(ROOT / "configs"))
-    import pretrain_fashion_mnist
+    from simclr_jax.configs import pretrain_fashion_mnist
 
     config = pretrain_fashion_mnist.get_config("tiny")
     config.dataset.train_split = "train[:1024]"

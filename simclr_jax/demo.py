@@ -2,7 +2,8 @@
 
     python -m simclr_jax.demo [--workdir=demo_out] [--config.num_epochs=3 ...]
 
-1. Pretrain the demo preset of configs/pretrain_fashion_mnist.py (overridable with --config.*).
+1. Pretrain the demo preset of simclr_jax/configs/pretrain_fashion_mnist.py (overridable with
+   --config.*).
 2. Linear evaluation: the same logistic regression on the frozen features and on raw pixels, with all
    60,000 labels and with a stratified 1% (600).
 3. Fine-tune from the first projection-head layer on the 1% labels, against the same network trained
@@ -15,7 +16,6 @@ is printed at the end.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -24,26 +24,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from simclr_jax import distill, finetune, pretrain
+from simclr_jax.configs import distill_fashion_mnist, finetune_fashion_mnist, pretrain_fashion_mnist
 from simclr_jax.data import sources
 from simclr_jax.data.label_fraction import stratified_subset
 from simclr_jax.encoder import load_encoder
 from simclr_jax.train.linear_fit import fit_linear_classifier
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def load_config(file: str, preset: str) -> ml_collections.ConfigDict:
-    """get_config(preset) of a file in configs/ (what --config=FILE:PRESET loads)."""
-    spec = importlib.util.spec_from_file_location(file, os.path.join(CONFIGS, f"{file}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
 
 
 def embed(workdir: str, images: np.ndarray, batch: int = 1000) -> np.ndarray:
@@ -102,19 +92,19 @@ def main(argv) -> None:
     rows = linear_evaluation(config, pretrain_dir, FLAGS.label_fraction)
     linear_minutes = (time.time() - start) / 60
 
-    fine_tune = load_config("finetune_fashion_mnist", "demo_1pct")
+    fine_tune = finetune_fashion_mnist.get_config("demo_1pct")
     fine_tune.init_checkpoint = pretrain_dir
     tuned, tune_minutes = run_stage(
         "fine-tune 1%", finetune.train_and_evaluate, fine_tune, os.path.join(root, "finetune_1pct")
     )
-    scratch = load_config("finetune_fashion_mnist", "demo_supervised_1pct")
+    scratch = finetune_fashion_mnist.get_config("demo_supervised_1pct")
     supervised, supervised_minutes = run_stage(
         "supervised 1%",
         finetune.train_and_evaluate,
         scratch,
         os.path.join(root, "supervised_1pct"),
     )
-    student_config = load_config("distill_fashion_mnist", "demo")
+    student_config = distill_fashion_mnist.get_config("demo")
     student_config.teacher_checkpoint = os.path.join(root, "finetune_1pct")
     student_config.init_checkpoint = pretrain_dir  # the student starts from the SimCLR weights
     student, distill_minutes = run_stage(
@@ -142,7 +132,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
     config_flags.DEFINE_config_file(
         "config",
-        os.path.join(CONFIGS, "pretrain_fashion_mnist.py"),
+        pretrain_fashion_mnist.__file__,
         "Pretraining config of the demo.",
         lock_config=True,
     )

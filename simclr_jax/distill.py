@@ -1,7 +1,8 @@
 """Distillation (SimCLRv2's third step): a fine-tuned teacher labels unlabelled images for a student.
 
-    python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:demo --workdir=/tmp/ds \
-        --config.teacher_checkpoint=/tmp/ft [--config.init_checkpoint=/tmp/fm --config.alpha=0.5]
+    python -m simclr_jax.distill --config=simclr_jax/configs/distill_fashion_mnist.py:demo \
+        --workdir=/tmp/ds --config.teacher_checkpoint=/tmp/ft \
+        [--config.init_checkpoint=/tmp/fm --config.alpha=0.5]
 
 The objective, per step (one crop+flip view of each image, the same view for teacher and student):
 

@@ -1,7 +1,7 @@
 """Fine-tuning, linear evaluation and the supervised baseline, from a pretraining workdir or scratch.
 
-    python -m simclr_jax.finetune --config=configs/finetune_fashion_mnist.py:1pct --workdir=/tmp/ft \
-        --config.init_checkpoint=/tmp/fm [--config.label_fraction=0.05 ...]
+    python -m simclr_jax.finetune --config=simclr_jax/configs/finetune_fashion_mnist.py:1pct \
+        --workdir=/tmp/ft --config.init_checkpoint=/tmp/fm [--config.label_fraction=0.05 ...]
 
 The pretraining workdir is enough: its saved config gives the architecture (explicit
 --config.model.* values win) and only its weights are read (params and BN statistics; not the step
@@ -10,7 +10,7 @@ or the optimizer). The classifier is new, sized to this dataset's classes. Which
 evaluation) and how many labels are used (label_fraction) are this run's choices. Rerunning the
 same command resumes from the newest checkpoint in --workdir.
 
-Transfer: the checkpoint may come from another dataset (configs/transfer_digits.py). Images are
+Transfer: the checkpoint may come from another dataset (simclr_jax/configs/transfer_digits.py). Images are
 resized to dataset.image_size on the device, grayscale images are repeated to RGB for an
 RGB-pretrained network (RGB becomes luma for a grayscale one), and an auto CIFAR stem stays the
 checkpoint's whatever this run's image size.

@@ -1,6 +1,7 @@
 """Contrastive pretraining (SimCLR v1/v2) with an online linear probe.
 
-    python -m simclr_jax.pretrain --config=configs/pretrain_fashion_mnist.py --workdir=/tmp/fm \
+    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_fashion_mnist.py \
+        --workdir=/tmp/fm \
         [--config.batch_size=512 ...]
 
 The trainer reads in the order the work happens: mesh, data, model and optimizer, init or restore, the

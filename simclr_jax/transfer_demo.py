@@ -3,11 +3,12 @@
     python -m simclr_jax.transfer_demo [--workdir=demo_out]
 
 1. The pretraining is WORKDIR/pretrain, the one `make demo` leaves. If it has no results.json
-   yet, the demo preset of configs/pretrain_fashion_mnist.py runs (or resumes) there first.
+   yet, the demo preset of simclr_jax/configs/pretrain_fashion_mnist.py runs (or resumes) there
+   first.
 2. On scikit-learn's digits (data/digits.py: 1,297 training labels, 500 test images, 28x28x1),
-   the presets of configs/transfer_digits.py: linear evaluation of the frozen network, fine-tuning
-   from the first projection-head layer, and the same network trained from scratch on the same
-   labels for the same number of steps.
+   the demo presets of simclr_jax/configs/transfer_digits.py: linear evaluation of the frozen
+   network, fine-tuning from the first projection-head layer, and the same network trained from
+   scratch on the same labels for the same number of steps.
 
 Each run is an ordinary `simclr_jax.finetune` run (the architecture comes from the pretraining
 workdir) with its own workdir under WORKDIR/transfer_digits/; rerunning resumes or skips finished
@@ -23,8 +24,9 @@ import jax
 from absl import app, flags, logging
 
 from simclr_jax import encoder, finetune, pretrain
+from simclr_jax.configs import pretrain_fashion_mnist, transfer_digits
 from simclr_jax.data import digits
-from simclr_jax.demo import load_config, run_stage
+from simclr_jax.demo import run_stage
 
 FLAGS = flags.FLAGS
 METHODS = (
@@ -55,17 +57,17 @@ def ensure_pretraining(pretrain_dir: str) -> float:
     _, minutes = run_stage(
         "pretrain",
         pretrain.train_and_evaluate,
-        load_config("pretrain_fashion_mnist", "demo"),
+        pretrain_fashion_mnist.get_config("demo"),
         pretrain_dir,
     )
     return minutes
 
 
 def transfer_rows(pretrain_dir: str, root: str) -> list[tuple[str, int, int, float, float]]:
-    """(method, labels, steps, test top-1, minutes) of the three configs/transfer_digits.py runs."""
+    """(method, labels, steps, test top-1, minutes) of the three transfer_digits.py demo runs."""
     rows = []
     for name, preset, from_pretraining in METHODS:
-        config = load_config("transfer_digits", preset)
+        config = transfer_digits.get_config(preset)
         if from_pretraining:
             config.init_checkpoint = pretrain_dir
         result, minutes = run_stage(

@@ -1,7 +1,10 @@
-"""Config files: every preset loads, overrides round-trip, mistakes are errors that name the field."""
+"""Config files: the package imports, every preset loads and equals its composed arguments,
+overrides round-trip, mistakes are one-line errors that name the field, key or value."""
 
+import importlib
 import json
 import pathlib
+import pkgutil
 import subprocess
 import sys
 
@@ -9,13 +12,29 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+from simclr_jax import configs
 
-PRESETS = {
-    "pretrain_fashion_mnist.py": ["", "demo", "resnet18", "tiny"],
-    "pretrain_cifar10.py": ["", "reference", "small_batch"],
-    "pretrain_imagenet.py": ["", "v1", "r50_1x_sk0", "r50_1x_sk1", "r101_2x_sk1", "r152_3x_sk1"],
-}
+CONFIGS = pathlib.Path(configs.__file__).parent
+# The config files (every module of the package but the argument parser), found, not listed, so a
+# new one is tested too; the list below is what the README documents.
+NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != "arguments")
+DOCUMENTED = [
+    "distill_fashion_mnist", "finetune_fashion_mnist", "finetune_imagenet", "pretrain_cifar10",
+    "pretrain_fashion_mnist", "pretrain_imagenet", "transfer_digits",
+]  # fmt: skip
+# The default preset of each file, as its docstring names it.
+DEFAULT_PRESET = {
+    "distill_fashion_mnist": "self", "finetune_fashion_mnist": "linear_eval",
+    "finetune_imagenet": "linear_eval", "pretrain_cifar10": "reference",
+    "pretrain_fashion_mnist": "demo", "pretrain_imagenet": "v1", "transfer_digits": "linear_eval",
+}  # fmt: skip
+
+
+def module(name: str):
+    return importlib.import_module(f"simclr_jax.configs.{name}")
+
+
+PRESETS = [(name, p) for name in NAMES for p in ["", *module(name).ARGUMENTS.presets]]
 
 
 def parse(argv):
@@ -28,12 +47,13 @@ def parse(argv):
     return registry.config
 
 
-@pytest.mark.parametrize("file,preset", [(f, p) for f, presets in PRESETS.items() for p in presets])
-def test_every_preset_loads(file, preset):
-    spec = f"{CONFIGS / file}:{preset}" if preset else str(CONFIGS / file)
+@pytest.mark.parametrize("name,preset", PRESETS)
+def test_every_preset_loads(name, preset):
+    spec = f"{CONFIGS / name}.py:{preset}" if preset else f"{CONFIGS / name}.py"
     config = parse([f"--config={spec}"])
     assert config.batch_size > 0 and config.optim.base_lr > 0
-    assert config.model.depth in (18, 34, 50, 101, 152, 200)
+    model = config.student.model if "student" in config else config.model
+    assert model.depth in (None, 18, 34, 50, 101, 152, 200)  # None: the checkpoint's
 
 
 def test_reference_recipes():
@@ -78,7 +98,7 @@ def run_cli(*argv):
             sys.executable,
             "-c",
             CLI,
-            f"--config={CONFIGS / 'pretrain_fashion_mnist.py'}:tiny",
+            f"--config={CONFIGS / 'pretrain_fashion_mnist.py'}:size=tiny",
             *argv,
         ],
         capture_output=True,
@@ -118,13 +138,13 @@ def test_bad_overrides_name_the_field(override, needle):
 
 
 def test_unknown_preset_is_an_error():
-    with pytest.raises((flags.Error, ValueError), match="unknown preset"):
+    with pytest.raises((flags.Error, ValueError), match="'r9_9x_sk9' .* is neither a preset"):
         parse([f"--config={CONFIGS / 'pretrain_imagenet.py'}:r9_9x_sk9"])
 
 
 def test_every_field_is_documented():
     """Each field assignment in the base builders carries a comment (inline or the line above)."""
-    source = (CONFIGS.parent / "simclr_jax" / "config.py").read_text().splitlines()
+    source = (CONFIGS.parent / "config.py").read_text().splitlines()
     for number, line in enumerate(source):
         stripped = line.strip()
         if stripped.startswith("c.") and " = " in stripped and "ConfigDict()" not in stripped:
@@ -132,3 +152,123 @@ def test_every_field_is_documented():
                 continue
             documented = "#" in line or source[number - 1].strip().startswith("#")
             assert documented, f"config.py:{number + 1} has no comment: {stripped}"
+
+
+# ------------------------------------------------------------------- the package and its arguments
+
+
+def test_the_config_files_are_the_documented_ones():
+    assert NAMES == DOCUMENTED
+
+
+def test_every_config_imports_as_a_module_from_anywhere(tmp_path):
+    """No sys.path or importlib tricks: a fresh interpreter in an unrelated folder imports each."""
+    script = (
+        "import importlib, sys; "
+        f"mods = [importlib.import_module('simclr_jax.configs.' + n) for n in {NAMES!r}]; "
+        "print(sum(m.get_config().batch_size > 0 for m in mods))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == str(len(NAMES))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_equals_its_composed_form(name):
+    """Each preset name is an alias: the same config as its key=value string, in any key order."""
+    config_module = module(name)
+    presets = config_module.ARGUMENTS.presets
+    assert DEFAULT_PRESET[name] in presets
+    for preset, expansion in presets.items():
+        composed = config_module.get_config(expansion).to_dict()
+        assert config_module.get_config(preset).to_dict() == composed, preset
+        reordered = ",".join(reversed(expansion.split(",")))
+        assert config_module.get_config(reordered).to_dict() == composed, preset
+    no_argument = config_module.get_config().to_dict()
+    assert no_argument == config_module.get_config(DEFAULT_PRESET[name]).to_dict()
+
+
+def test_composed_arguments_follow_the_documented_rules():
+    from simclr_jax.configs import finetune_fashion_mnist as ft
+    from simclr_jax.configs import pretrain_imagenet
+
+    # Read left to right: a preset, then a change, is that preset at another size.
+    assert ft.get_config("1pct,size=tiny").to_dict() == ft.get_config("tiny").to_dict()
+    assert ft.get_config("size=tiny,size=demo").to_dict() == ft.get_config("size=demo").to_dict()
+    # A fraction no preset has: the semi recipe's rule, batch 64 and 60 epochs below 10%.
+    five = ft.get_config("recipe=semi,fraction=0.05")
+    assert (five.label_fraction, five.batch_size, five.num_epochs) == (0.05, 64, 60.0)
+    assert (five.model.ft_proj_selector, five.optim.name) == (1, "lars")
+    half = ft.get_config("recipe=supervised,fraction=0.5,size=demo")
+    assert (half.label_fraction, half.batch_size, half.init_checkpoint) == (0.5, 60, "")
+    assert half.model.base_width == 8  # the demo pretraining's network, from scratch
+    # The v1 recipe on another ResNet, which no preset names.
+    r101 = pretrain_imagenet.get_config("version=1,depth=101,sk=1")
+    assert (r101.model.depth, r101.model.sk_ratio, r101.optim.base_lr) == (101, 0.0625, 0.3)
+
+
+@pytest.mark.parametrize(
+    "name,arg,needles",
+    [
+        ("finetune_fashion_mnist", "recipe=semi,fractoin=0.01", ["unknown key 'fractoin'"]),
+        ("finetune_fashion_mnist", "recipe=semi,fraction=lots", ["fraction='lots'", "float"]),
+        ("finetune_fashion_mnist", "recipe=sem", ["recipe='sem'", "linear_eval|semi|supervised"]),
+        ("finetune_fashion_mnist", "1pcnt", ["'1pcnt'", "neither a preset", "1pct"]),
+        ("pretrain_imagenet", "depth=fifty", ["depth='fifty'", "int"]),
+        ("pretrain_imagenet", "version=3", ["version='3'", "1|2"]),
+        ("pretrain_fashion_mnist", "size=huge", ["size='huge'", "full|demo|tiny"]),
+        ("finetune_imagenet", "recipe=semi,fraction=1.0", ["recipe=semi takes fraction=0.01"]),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_naming_them(name, arg, needles):
+    with pytest.raises(ValueError) as error:
+        module(name).get_config(arg)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(name)
+    for needle in needles:
+        assert needle in message
+
+
+def test_a_bad_preset_table_fails_at_import():
+    from simclr_jax.configs.arguments import Arguments
+
+    with pytest.raises(ValueError, match="unknown key 'sise'"):
+        Arguments("x", {"size": "full"}, presets={"tiny": "sise=tiny"})
+    with pytest.raises(ValueError, match="must be key=value items"):
+        Arguments("x", {"size": "full"}, presets={"both": "tiny,size=full"})
+
+
+CLI_ALL = """
+import json, sys
+from absl import app, flags
+from ml_collections import config_flags
+names = sys.argv.pop(1).split(",")
+for n in names:
+    config_flags.DEFINE_config_file(n, None, n, lock_config=True)
+app.run(lambda _: print(json.dumps({n: flags.FLAGS[n].value.to_dict() for n in names})))
+"""
+
+
+def test_every_config_file_loads_through_config_flags_from_the_command_line():
+    """One absl program, one --NAME=FILE:ARG flag per config file, composed arguments included."""
+    args = {name: DEFAULT_PRESET[name] for name in NAMES}
+    args["finetune_fashion_mnist"] = "recipe=semi,fraction=0.01,size=tiny"
+    args["pretrain_imagenet"] = "r152_3x_sk1"
+    argv = [f"--{name}={CONFIGS / name}.py:{arg}" for name, arg in args.items()]
+    argv.append("--finetune_fashion_mnist.batch_size=24")  # an override after a composed argument
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_ALL, ",".join(NAMES), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, arg in args.items():
+        expected = module(name).get_config(arg).to_dict()
+        if name == "finetune_fashion_mnist":
+            assert loaded[name]["batch_size"] == 24
+            expected["batch_size"] = 24
+        assert loaded[name] == json.loads(json.dumps(expected)), name

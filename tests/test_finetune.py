@@ -23,7 +23,7 @@ from simclr_jax.models import build_model
 from simclr_jax.train import knn_monitor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "simclr_jax" / "configs"  # loaded by path below, as the command line does
 
 
 def load_config(file: str, preset: str, *overrides: str):

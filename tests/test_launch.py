@@ -20,7 +20,11 @@ LAUNCH = ROOT / "launch"
 SCRIPTS = sorted(p.name for p in LAUNCH.glob("*.sh") if p.name != "common.sh")
 TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 WHERE = ["--name", "simclr", "--zone", "us-central2-b"]
-STAGE_ARGS = ["--", "--config=configs/pretrain_imagenet.py:r50_1x_sk0", "--workdir=gs://b/my run"]
+STAGE_ARGS = [
+    "--",
+    "--config=simclr_jax/configs/pretrain_imagenet.py:r50_1x_sk0",
+    "--workdir=gs://b/my run",
+]
 
 
 def launch(script: str, *args: str, env=None, check=True) -> subprocess.CompletedProcess:

@@ -22,9 +22,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from simclr_jax import memory, pretrain
+from simclr_jax.configs import pretrain_fashion_mnist, pretrain_imagenet
 
 HERE = pathlib.Path(__file__).resolve().parent
-CONFIGS = HERE.parent / "configs"
 
 # ----------------------------------------------------------------------------- NumPy references
 
@@ -195,9 +195,6 @@ def read_losses(workdir: pathlib.Path) -> dict[int, float]:
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_resume_restores_the_queue_and_the_ema(tmp_path):
-    sys.path.insert(0, str(CONFIGS))
-    import pretrain_fashion_mnist
-
     config = pretrain_fashion_mnist.get_config("tiny")  # batch 32, 4 steps, checkpoints every 2
     config.dataset.train_split = "train[:1024]"
     config.dataset.eval_split = ""
@@ -226,9 +223,6 @@ def test_resume_restores_the_queue_and_the_ema(tmp_path):
 
 
 def test_memory_is_off_by_default_and_on_in_the_v2_presets():
-    sys.path.insert(0, str(CONFIGS))
-    import pretrain_imagenet
-
     assert not pretrain_imagenet.get_config("v1").memory.enabled
     v2 = pretrain_imagenet.get_config("r152_3x_sk1").memory
     assert (v2.enabled, v2.size, v2.ema_decay) == (True, 65536, 0.999)

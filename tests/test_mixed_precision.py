@@ -9,9 +9,7 @@ optimizer state and the loss stay float32 under bfloat16 while the convolutions 
 from __future__ import annotations
 
 import functools
-import pathlib
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +17,12 @@ import numpy as np
 import pytest
 
 from simclr_jax import parallel, pretrain
+from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.data import pipeline, sources
 from simclr_jax.models import build_model
 from simclr_jax.optim import scaled_learning_rate, warmup_cosine_schedule
 from simclr_jax.train.state import TrainState
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 100
 BATCH = 16
 SMOOTH = 10  # steps per window when comparing curves (single steps are noisy at batch 16)
@@ -32,9 +30,6 @@ DTYPES = ("float32", "bfloat16")
 
 
 def tiny_config():
-    sys.path.insert(0, str(ROOT / "configs"))
-    import pretrain_fashion_mnist
-
     config = pretrain_fashion_mnist.get_config("tiny")
     config.dataset.train_split = "train[:512]"
     config.optim.base_lr = 0.05  # peak 0.2 at batch 16 (sqrt scaling): the probe stays stable

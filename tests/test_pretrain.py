@@ -8,15 +8,13 @@ import sys
 import pytest
 
 from simclr_jax import pretrain
+from simclr_jax.configs import pretrain_fashion_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = f"{ROOT / 'configs' / 'pretrain_fashion_mnist.py'}:tiny"
+TINY = f"{pretrain_fashion_mnist.__file__}:tiny"
 
 
 def tiny_config(**overrides):
-    sys.path.insert(0, str(ROOT / "configs"))
-    import pretrain_fashion_mnist
-
     config = pretrain_fashion_mnist.get_config("tiny")
     config.dataset.train_split = "train[:2048]"
     config.dataset.eval_split = "test[:500]"

@@ -1,24 +1,17 @@
 """The host tf.data path of pretraining (variable-size ImageNet images), on tfds's mock data."""
 
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
 from simclr_jax import parallel, pretrain
+from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.data import streaming
 from simclr_jax.models import build_model
 
 tfds = pytest.importorskip("tensorflow_datasets")  # the [tfds] extra; make test installs it
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def test_imagenet_pretraining_streams_two_host_crops_per_image():
-    sys.path.insert(0, str(ROOT / "configs"))
-    import pretrain_fashion_mnist
-
     config = pretrain_fashion_mnist.get_config("tiny")
     config.dataset.name = "imagenet2012"
     config.dataset.source = "tfds"

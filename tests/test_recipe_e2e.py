@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_finetune import load_config
+from test_finetune import CONFIGS, load_config
 
 import simclr_jax
 from simclr_jax import distill, encoder, finetune
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 def run_cli(module: str, config: str, workdir: pathlib.Path, *overrides: str) -> dict:
     command = [
-        sys.executable, "-m", module, f"--config={ROOT / 'configs' / config}",
+        sys.executable, "-m", module, f"--config={CONFIGS / config}",
         f"--workdir={workdir}", *overrides,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)

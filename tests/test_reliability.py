@@ -16,15 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simclr_jax import pretrain, validation
+from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.models import build_model
 from simclr_jax.train import checkpoint, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-
-import pretrain_fashion_mnist  # noqa: E402
-
-TINY = f"{ROOT / 'configs' / 'pretrain_fashion_mnist.py'}:tiny"
+TINY = f"{pretrain_fashion_mnist.__file__}:tiny"
 SMALL_SPLITS = ["--config.dataset.train_split=train[:1024]", "--config.dataset.eval_split="]
 
 
@@ -172,7 +169,7 @@ def test_bad_values_fail_before_anything_is_loaded(tmp_path, field, value, messa
 
 def test_batch_that_does_not_divide_the_devices(tmp_path):
     script = (
-        "import sys; sys.path.insert(0, 'configs'); import pretrain_fashion_mnist as p;"
+        "from simclr_jax.configs import pretrain_fashion_mnist as p;"
         "from simclr_jax import pretrain; c = p.get_config('tiny'); c.batch_size = 12;"
         f"pretrain.train_and_evaluate(c, {str(tmp_path)!r})"
     )

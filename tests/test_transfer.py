@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from test_finetune import load_config
+from test_finetune import CONFIGS, load_config
 
 from simclr_jax import encoder, finetune
 from simclr_jax.data import digits, fashion_mnist, sources
@@ -119,7 +119,7 @@ def test_match_channels_repeats_grey_and_takes_the_luma_of_rgb():
 
 def run_cli(module: str, config: str, workdir: pathlib.Path, *overrides: str) -> dict:
     command = [
-        sys.executable, "-m", module, f"--config={ROOT / 'configs' / config}",
+        sys.executable, "-m", module, f"--config={CONFIGS / config}",
         f"--workdir={workdir}", *overrides,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)

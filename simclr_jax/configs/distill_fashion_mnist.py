@@ -1,31 +1,47 @@
 """Distil a fine-tuned Fashion-MNIST teacher into a student on the (unlabelled) training images.
 
-    python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:self --workdir=/tmp/ds \
-        --config.teacher_checkpoint=/tmp/ft1
-    python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:big_to_small \
+    python -m simclr_jax.distill --config=simclr_jax/configs/distill_fashion_mnist.py:self \
+        --workdir=/tmp/ds --config.teacher_checkpoint=/tmp/ft1
+    python -m simclr_jax.distill --config=simclr_jax/configs/distill_fashion_mnist.py:big_to_small \
         --workdir=/tmp/ds_small --config.teacher_checkpoint=/tmp/ft1
 
-The teacher is a fine-tuning workdir (configs/finetune_fashion_mnist.py, e.g. its 1pct preset); it
-labels all 60,000 training images, whose own labels are never read (alpha = 0).
+The teacher is a fine-tuning workdir (finetune_fashion_mnist.py, e.g. its 1pct preset); it labels
+all 60,000 training images, whose own labels are never read (alpha = 0).
 
-Presets:
-  self (default)  self-distillation: the student has the teacher's architecture and starts from
-                  scratch; temperature 1, alpha 0, batch 256, 30 epochs, LARS lr 0.1 x sqrt(B).
-  big_to_small    the same with a narrower student (ResNet-18, base width 16, 2-layer head).
-  demo            for a 2-core CPU after the demo fine-tuning (about 2.5 minutes: 300 steps of 128
-                  images): the student is the teacher's architecture initialised from the
-                  pretraining checkpoint (pass --config.init_checkpoint=PRETRAIN_WORKDIR; without
-                  it, it starts from scratch), LARS lr 0.05 x sqrt(B), no weight decay. Measured
-                  after a 200-step pretraining: student 74.4% vs teacher 76.0% test top-1 (it sees
-                  0.6 epoch; longer runs let it catch up).
-  tiny            a few steps for the tests.
+Arguments (simclr_jax.configs.arguments), default student=self,size=full:
+  student=self    self-distillation: the student has the teacher's architecture (or
+                  init_checkpoint's) and starts from scratch unless init_checkpoint is set.
+  student=small   a narrower student: ResNet-18, base width 16, 2-layer head to 64 dims.
+  size=full       temperature 1, alpha 0, batch 256, 30 epochs, LARS lr 0.1 x sqrt(B).
+  size=demo       for a 2-core CPU after the demo fine-tuning (about 2.5 minutes: 300 steps of 128
+                  images): meant to start from the pretraining checkpoint (pass
+                  --config.init_checkpoint=PRETRAIN_WORKDIR; without it, it starts from scratch),
+                  LARS lr 0.05 x sqrt(B), no weight decay. Measured after a 200-step pretraining:
+                  student 74.4% vs teacher 76.0% test top-1 (it sees 0.6 epoch; longer runs let it
+                  catch up).
+  size=tiny       a few steps for the tests.
+Presets: self (the default), big_to_small (student=small), demo (size=demo), tiny (size=tiny).
 """
 
 from simclr_jax import config as base
+from simclr_jax.configs import pretrain_fashion_mnist
+from simclr_jax.configs.arguments import Arguments
+
+ARGUMENTS = Arguments(
+    "distill_fashion_mnist",
+    {"student": "self", "size": "full"},
+    choices={"student": ("self", "small"), "size": pretrain_fashion_mnist.SIZES},
+    presets={
+        "self": "student=self,size=full",
+        "big_to_small": "student=small,size=full",
+        "demo": "student=self,size=demo",
+        "tiny": "student=self,size=tiny",
+    },
+)
 
 
 def get_config(arg: str | None = None):
-    preset = arg or "self"
+    a = ARGUMENTS.parse(arg)
     c = base.distill_config()
     c.dataset.name = "fashion_mnist"
     c.dataset.image_size = 28
@@ -39,16 +55,16 @@ def get_config(arg: str | None = None):
     c.optim.base_lr = 0.1
     c.optim.lr_scaling = "sqrt"
     c.optim.weight_decay = 1e-4
-    if preset in ("self", "big_to_small"):
+    if a.student == "small":
+        c.student.model.depth = 18
+        c.student.model.base_width = 16
+        c.student.model.num_proj_layers = 2
+        c.student.model.proj_out_dim = 64
+    if a.size == "full":
         c.batch_size = 256
         c.num_epochs = 30.0
         c.optim.warmup_epochs = 1.0
-        if preset == "big_to_small":
-            c.student.model.depth = 18
-            c.student.model.base_width = 16
-            c.student.model.num_proj_layers = 2
-            c.student.model.proj_out_dim = 64
-    elif preset == "demo":
+    elif a.size == "demo":
         c.augment.crop_min_area = 0.5  # as the demo fine-tuning
         c.batch_size = 128
         c.num_steps = 300
@@ -56,7 +72,7 @@ def get_config(arg: str | None = None):
         c.optim.weight_decay = 0.0
         c.optim.warmup_epochs = 0.0
         c.log_every_steps = 50
-    elif preset == "tiny":
+    else:
         c.dataset.train_split = "train[:2000]"
         c.dataset.eval_split = "test[:200]"
         c.eval_batch_size = 200
@@ -67,8 +83,4 @@ def get_config(arg: str | None = None):
         c.knn.k = 20
         c.log_every_steps = 1
         c.checkpoint_every_steps = 2
-    else:
-        raise ValueError(
-            f"unknown preset {preset!r} for distill_fashion_mnist: self, big_to_small, demo, tiny"
-        )
     return base.lock(c)

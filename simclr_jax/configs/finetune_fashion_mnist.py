@@ -1,53 +1,89 @@
 """Fine-tune on Fashion-MNIST: linear evaluation, semi-supervised fine-tuning, supervised baseline.
 
-    python -m simclr_jax.finetune --config=configs/finetune_fashion_mnist.py:1pct --workdir=/tmp/ft1 \
-        --config.init_checkpoint=/tmp/fm18
-    python -m simclr_jax.finetune --config=configs/finetune_fashion_mnist.py:supervised_1pct \
+    python -m simclr_jax.finetune --config=simclr_jax/configs/finetune_fashion_mnist.py:1pct \
+        --workdir=/tmp/ft1 --config.init_checkpoint=/tmp/fm18
+    python -m simclr_jax.finetune \
+        --config=simclr_jax/configs/finetune_fashion_mnist.py:recipe=supervised,fraction=0.01 \
         --workdir=/tmp/sup1
 
-Augmentation is crop + flip (crop area 0.5-1 on these 28 px images). The fine-tuning presets read
-the architecture from --config.init_checkpoint (a pretraining workdir); the supervised presets
-train the same architecture as the matching pretraining preset from scratch, on the same labels
+Augmentation is crop + flip (crop area 0.5-1 on these 28 px images). The fine-tuning recipes read
+the architecture from --config.init_checkpoint (a pretraining workdir); the supervised recipe
+trains the network of pretrain_fashion_mnist.py at the same size from scratch, on the same labels
 (label_fraction, label_seed) for the same number of steps.
 
-Presets (pretraining preset in brackets):
-  linear_eval (default)  frozen backbone, classifier on its features: momentum, lr 0.1 x B/256, no
-                         weight decay, batch 512, 100 epochs, zero-initialised classifier, all labels
-                         (the reference CIFAR-10 linear-eval command) [resnet18, GPU].
-  1pct, 10pct            SimCLRv2 fine-tuning of every layer from the first head layer
-                         (ft_proj_selector=1): LARS, lr 0.05 x sqrt(B) (the ImageNet recipe's 0.005
-                         under-trains at these batch sizes), no weight decay, no warmup;
-                         1% = 600 labels, batch 64, 60 epochs (540 steps); 10% = 6,000 labels,
-                         batch 256, 30 epochs (690 steps), as the ImageNet recipe's 60/30 epochs.
-  supervised_1pct, supervised_10pct, supervised
-                         ResNet-18 from scratch (no init_checkpoint), same labels and steps as 1pct /
-                         10pct (supervised: all labels, 30 epochs), LARS lr 0.1 x sqrt(B), wd 1e-4.
-  demo_linear_eval, demo_1pct, demo_supervised_1pct
-                         sized for a 2-core CPU after the `demo` pretraining (ResNet-18, base width 8):
-                         about 1.5-2.5 minutes each; demo_1pct vs demo_supervised_1pct is the
-                         few-label comparison (same 600 labels, same 600 steps). Measured after a
-                         200-step demo pretraining (probe 69.7%): 76.8% vs 76.6% test top-1; the
-                         fine-tuning margin grows with the pretraining (see the README).
-  tiny, tiny_linear_eval, tiny_supervised
-                         a few steps of a base-width-4 ResNet-18 for the tests.
+Arguments (simclr_jax.configs.arguments), default recipe=linear_eval,fraction=1.0,size=full:
+  recipe=linear_eval  frozen backbone, classifier on its features: momentum, lr 0.1 x B/256, no
+                      weight decay, zero-initialised classifier (the reference CIFAR-10
+                      linear-eval command).
+  recipe=semi         SimCLRv2 fine-tuning of every layer from the first head layer
+                      (ft_proj_selector=1): LARS, lr 0.05 x sqrt(B) (the ImageNet recipe's 0.005
+                      under-trains at these batch sizes), no weight decay, no warmup.
+  recipe=supervised   the network from scratch (no init_checkpoint), same labels and steps as
+                      semi: LARS lr 0.1 x sqrt(B), weight decay 1e-4, 1 epoch of warmup.
+  fraction=F          class-stratified fraction of the training labels (0.01 = 600 labels).
+  size=full           for a GPU, ResNet-18: linear_eval batch 512, 100 epochs; semi / supervised
+                      batch 64 for 60 epochs below 10% of the labels (1% = 540 steps), else
+                      batch 256 for 30 epochs (10% = 690 steps), as the ImageNet recipe's 60/30.
+  size=demo           for a 2-core CPU after the `demo` pretraining (ResNet-18, base width 8),
+                      about 1.5-2.5 minutes each: linear_eval batch 256, 1 epoch; semi /
+                      supervised batch 60, 60 epochs (600 steps at 1%). Measured after a 200-step
+                      demo pretraining (probe 69.7%): demo_1pct 76.8% vs demo_supervised_1pct
+                      76.6% test top-1; the fine-tuning margin grows with the pretraining (README).
+  size=tiny           a few steps of a base-width-4 ResNet-18 for the tests.
+Presets: linear_eval (the default), 1pct, 10pct (semi at 0.01 / 0.1), supervised_1pct,
+supervised_10pct, supervised (all labels), demo_linear_eval, demo_1pct, demo_supervised_1pct,
+tiny (semi at 0.01), tiny_linear_eval (fraction 0.02), tiny_supervised; each is the key=value
+string in PRESETS below.
 """
 
-import importlib.util
-import pathlib
-
 from simclr_jax import config as base
+from simclr_jax.configs import pretrain_fashion_mnist
+from simclr_jax.configs.arguments import Arguments
+from simclr_jax.models import ARCHITECTURE_FIELDS
+
+RECIPES = ("linear_eval", "semi", "supervised")
+PRESETS = {
+    "linear_eval": "recipe=linear_eval,fraction=1.0,size=full",
+    "1pct": "recipe=semi,fraction=0.01,size=full",
+    "10pct": "recipe=semi,fraction=0.1,size=full",
+    "supervised_1pct": "recipe=supervised,fraction=0.01,size=full",
+    "supervised_10pct": "recipe=supervised,fraction=0.1,size=full",
+    "supervised": "recipe=supervised,fraction=1.0,size=full",
+    "demo_linear_eval": "recipe=linear_eval,fraction=1.0,size=demo",
+    "demo_1pct": "recipe=semi,fraction=0.01,size=demo",
+    "demo_supervised_1pct": "recipe=supervised,fraction=0.01,size=demo",
+    "tiny": "recipe=semi,fraction=0.01,size=tiny",
+    "tiny_linear_eval": "recipe=linear_eval,fraction=0.02,size=tiny",
+    "tiny_supervised": "recipe=supervised,fraction=0.01,size=tiny",
+}
+ARGUMENTS = Arguments(
+    "finetune_fashion_mnist",
+    {"recipe": "linear_eval", "fraction": 1.0, "size": "full"},
+    choices={"recipe": RECIPES, "size": pretrain_fashion_mnist.SIZES},
+    presets=PRESETS,
+)
 
 
-def pretrain_architecture(preset: str) -> dict:
-    """The model fields of a preset of configs/pretrain_fashion_mnist.py (for from-scratch runs)."""
-    path = pathlib.Path(__file__).with_name("pretrain_fashion_mnist.py")
-    spec = importlib.util.spec_from_file_location("pretrain_fashion_mnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.get_config(preset).model
-    return {
-        name: model[name] for name in ("depth", "base_width", "num_proj_layers", "proj_out_dim")
-    }
+def pretrain_architecture(size: str) -> dict:
+    """The architecture fields of pretrain_fashion_mnist.py's network of this size."""
+    model = pretrain_fashion_mnist.get_config(f"size={size}").model
+    return {name: model[name] for name in ARCHITECTURE_FIELDS}
+
+
+def linear_eval(c, fraction: float, batch_size: int, epochs: float) -> None:
+    """Frozen backbone, classifier on its features: the reference linear-evaluation command."""
+    c.label_fraction = fraction
+    c.model.ft_proj_selector = 0
+    c.model.fine_tune_after_block = 4
+    c.model.zero_init_logits_layer = True
+    c.model.global_bn = False
+    c.optim.name = "momentum"
+    c.optim.base_lr = 0.1
+    c.optim.lr_scaling = "linear"
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_epochs = 0.0
+    c.batch_size = batch_size
+    c.num_epochs = epochs
 
 
 def semi_supervised(c, fraction: float, batch_size: int, epochs: float) -> None:
@@ -65,11 +101,11 @@ def semi_supervised(c, fraction: float, batch_size: int, epochs: float) -> None:
     c.num_epochs = epochs
 
 
-def supervised(c, fraction: float, batch_size: int, epochs: float, architecture: str) -> None:
+def supervised(c, fraction: float, batch_size: int, epochs: float, size: str) -> None:
     """From scratch, same labels and steps as semi_supervised(...) with the same arguments."""
     semi_supervised(c, fraction, batch_size, epochs)
     c.init_checkpoint = ""
-    for name, value in pretrain_architecture(architecture).items():
+    for name, value in pretrain_architecture(size).items():
         c.model[name] = value
     c.model.ft_proj_selector = 0
     c.model.zero_init_logits_layer = False
@@ -78,59 +114,39 @@ def supervised(c, fraction: float, batch_size: int, epochs: float, architecture:
     c.optim.warmup_epochs = 1.0
 
 
-def linear_eval(c, batch_size: int, epochs: float) -> None:
-    """Frozen backbone, classifier on its features: the reference linear-evaluation command."""
-    c.label_fraction = 1.0
-    c.model.ft_proj_selector = 0
-    c.model.fine_tune_after_block = 4
-    c.model.zero_init_logits_layer = True
-    c.model.global_bn = False
-    c.optim.name = "momentum"
-    c.optim.base_lr = 0.1
-    c.optim.lr_scaling = "linear"
-    c.optim.weight_decay = 0.0
-    c.optim.warmup_epochs = 0.0
-    c.batch_size = batch_size
-    c.num_epochs = epochs
+def apply_recipe(c, recipe: str, fraction: float, batch_size: int, epochs: float, size: str):
+    """One of RECIPES on config `c` (transfer_digits.py applies them to another dataset)."""
+    if recipe == "linear_eval":
+        linear_eval(c, fraction, batch_size, epochs)
+    elif recipe == "semi":
+        semi_supervised(c, fraction, batch_size, epochs)
+    else:
+        supervised(c, fraction, batch_size, epochs, size)
+
+
+def schedule(recipe: str, fraction: float, size: str) -> tuple[int, float]:
+    """(batch size, epochs) of a recipe at a size (the docstring's table)."""
+    if size == "tiny":
+        return 16, 1.0
+    if size == "demo":
+        return (256, 1.0) if recipe == "linear_eval" else (60, 60.0)
+    if recipe == "linear_eval":
+        return 512, 100.0
+    return (64, 60.0) if fraction < 0.1 else (256, 30.0)
 
 
 def get_config(arg: str | None = None):
-    preset = arg or "linear_eval"
+    a = ARGUMENTS.parse(arg)
     c = base.finetune_config()
     c.dataset.name = "fashion_mnist"
     c.dataset.image_size = 28
-    c.augment.crop_min_area = 0.5  # a milder crop than pretraining's 0.2: better for every preset
+    c.augment.crop_min_area = 0.5  # a milder crop than pretraining's 0.2: better for every recipe
     c.log_every_steps = 50
-    if preset == "linear_eval":
-        linear_eval(c, batch_size=512, epochs=100.0)
-    elif preset in ("1pct", "10pct"):
-        fraction, batch, epochs = (0.01, 64, 60.0) if preset == "1pct" else (0.1, 256, 30.0)
-        semi_supervised(c, fraction, batch, epochs)
-    elif preset in ("supervised_1pct", "supervised_10pct", "supervised"):
-        fraction, batch, epochs = {
-            "supervised_1pct": (0.01, 64, 60.0),
-            "supervised_10pct": (0.1, 256, 30.0),
-            "supervised": (1.0, 256, 30.0),
-        }[preset]
-        supervised(c, fraction, batch, epochs, architecture="resnet18")
-    elif preset == "demo_linear_eval":
-        linear_eval(c, batch_size=256, epochs=1.0)
-        c.log_every_steps = 25
-    elif preset in ("demo_1pct", "demo_supervised_1pct"):
-        if preset == "demo_1pct":
-            semi_supervised(c, 0.01, batch_size=60, epochs=60.0)
-        else:
-            supervised(c, 0.01, batch_size=60, epochs=60.0, architecture="demo")
-        c.log_every_steps = 50
-        c.eval_every_steps = 0
-    elif preset in ("tiny", "tiny_linear_eval", "tiny_supervised"):
-        if preset == "tiny":
-            semi_supervised(c, 0.01, batch_size=16, epochs=1.0)
-        elif preset == "tiny_linear_eval":
-            linear_eval(c, batch_size=16, epochs=1.0)
-            c.label_fraction = 0.02
-        else:
-            supervised(c, 0.01, batch_size=16, epochs=1.0, architecture="tiny")
+    apply_recipe(c, a.recipe, a.fraction, *schedule(a.recipe, a.fraction, a.size), a.size)
+    if a.size == "demo":
+        c.log_every_steps = 25 if a.recipe == "linear_eval" else 50
+        c.eval_every_steps = 0  # evaluate once, at the end
+    elif a.size == "tiny":
         c.dataset.train_split = "train[:2000]"
         c.dataset.eval_split = "test[:200]"
         c.eval_batch_size = 200
@@ -138,10 +154,4 @@ def get_config(arg: str | None = None):
         c.knn.k = 20
         c.log_every_steps = 1
         c.checkpoint_every_steps = 2
-    else:
-        raise ValueError(
-            f"unknown preset {preset!r} for finetune_fashion_mnist: linear_eval, 1pct, 10pct, "
-            "supervised_1pct, supervised_10pct, supervised, demo_linear_eval, demo_1pct, "
-            "demo_supervised_1pct, tiny, tiny_linear_eval, tiny_supervised"
-        )
     return base.lock(c)

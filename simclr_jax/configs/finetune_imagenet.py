@@ -1,13 +1,16 @@
 """Fine-tune on ImageNet (tfds `imagenet2012` / `imagenet2012_subset`, prepared by the user).
 
-    python -m simclr_jax.finetune --config=configs/finetune_imagenet.py:1pct \
+    python -m simclr_jax.finetune --config=simclr_jax/configs/finetune_imagenet.py:1pct \
         --workdir=gs://BUCKET/r152_3x_sk1_ft1pct --config.init_checkpoint=gs://BUCKET/r152_3x_sk1
 
 Images stream from the host (random-resized crop there; flip on the accelerator); evaluation is the
 0.875 centre crop of the whole validation split. The label subsets are tfds's
 imagenet2012_subset/1pct and /10pct (the SimCLRv2 paper's image lists).
 
-Presets (the reference google-research/simclr README commands):
+Arguments (simclr_jax.configs.arguments): recipe=linear_eval|semi|supervised and
+fraction=1.0|0.1|0.01 (default recipe=linear_eval,fraction=1.0); linear_eval takes all labels,
+semi the 1% / 10% subsets. Presets (the reference google-research/simclr README commands): 1pct
+is recipe=semi,fraction=0.01, supervised_10pct is recipe=supervised,fraction=0.1, and so on.
   linear_eval (default)  frozen backbone (fine_tune_after_block=4), zero-initialised classifier,
                          momentum, lr 0.1 x B/256, weight decay 1e-6, batch 4096, 90 epochs, no
                          warmup, local BN. The README reports ~64.5% top-1 for a 100-epoch SimCLR v1
@@ -25,6 +28,22 @@ Presets (the reference google-research/simclr README commands):
 """
 
 from simclr_jax import config as base
+from simclr_jax.configs.arguments import Arguments
+
+SUBSETS = {0.01: "1pct", 0.1: "10pct"}  # label fraction -> tfds imagenet2012_subset config
+ARGUMENTS = Arguments(
+    "finetune_imagenet",
+    {"recipe": "linear_eval", "fraction": 1.0},
+    choices={"recipe": ("linear_eval", "semi", "supervised"), "fraction": (1.0, 0.1, 0.01)},
+    presets={
+        "linear_eval": "recipe=linear_eval,fraction=1.0",
+        "1pct": "recipe=semi,fraction=0.01",
+        "10pct": "recipe=semi,fraction=0.1",
+        "supervised": "recipe=supervised,fraction=1.0",
+        "supervised_1pct": "recipe=supervised,fraction=0.01",
+        "supervised_10pct": "recipe=supervised,fraction=0.1",
+    },
+)
 
 
 def fine_tune_subset(c, subset: str, epochs: float) -> None:
@@ -53,7 +72,12 @@ def from_scratch(c) -> None:
 
 
 def get_config(arg: str | None = None):
-    preset = arg or "linear_eval"
+    a = ARGUMENTS.parse(arg)
+    if (a.recipe, a.fraction in SUBSETS) in (("linear_eval", True), ("semi", False)):
+        allowed = "1.0" if a.recipe == "linear_eval" else "0.01 or 0.1"
+        raise ValueError(
+            f"finetune_imagenet: recipe={a.recipe} takes fraction={allowed}, got {a.fraction}"
+        )
     c = base.finetune_config()
     c.dataset.name = "imagenet2012"
     c.dataset.source = "tfds"
@@ -66,7 +90,7 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2500
     c.eval_every_steps = 0
-    if preset == "linear_eval":
+    if a.recipe == "linear_eval":
         c.model.ft_proj_selector = 0
         c.model.fine_tune_after_block = 4
         c.model.zero_init_logits_layer = True
@@ -79,16 +103,15 @@ def get_config(arg: str | None = None):
         c.batch_size = 4096
         c.eval_batch_size = 4096
         c.num_epochs = 90.0
-    elif preset in ("1pct", "10pct"):
-        fine_tune_subset(c, preset, 60.0 if preset == "1pct" else 30.0)
-    elif preset in ("supervised_1pct", "supervised_10pct"):
-        subset = preset.split("_")[1]
+    elif a.fraction in SUBSETS:  # semi, or supervised with the same labels and steps
+        subset = SUBSETS[a.fraction]
         fine_tune_subset(c, subset, 60.0 if subset == "1pct" else 30.0)
-        from_scratch(c)
-        c.optim.base_lr = 0.1
-        c.optim.weight_decay = 1e-4
-        c.optim.warmup_epochs = 1.0
-    elif preset == "supervised":
+        if a.recipe == "supervised":
+            from_scratch(c)
+            c.optim.base_lr = 0.1
+            c.optim.weight_decay = 1e-4
+            c.optim.warmup_epochs = 1.0
+    else:  # supervised on all labels
         from_scratch(c)
         c.model.global_bn = True
         c.optim.name = "momentum"
@@ -99,9 +122,4 @@ def get_config(arg: str | None = None):
         c.batch_size = 4096
         c.eval_batch_size = 4096
         c.num_epochs = 90.0
-    else:
-        raise ValueError(
-            f"unknown preset {preset!r} for finetune_imagenet: linear_eval, 1pct, 10pct, "
-            "supervised, supervised_1pct, supervised_10pct"
-        )
     return base.lock(c)

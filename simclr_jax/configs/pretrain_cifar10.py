@@ -1,9 +1,11 @@
 """Pretrain on CIFAR-10 (tfds `cifar10`; 32 px, so the CIFAR stem and no blur).
 
-    python -m simclr_jax.pretrain --config=configs/pretrain_cifar10.py --workdir=/tmp/c10
-    python -m simclr_jax.pretrain --config=configs/pretrain_cifar10.py:small_batch --workdir=/tmp/c10s
+    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_cifar10.py --workdir=/tmp/c10
+    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_cifar10.py:small_batch \
+        --workdir=/tmp/c10s
 
-Presets:
+Argument (simclr_jax.configs.arguments): recipe=reference|small_batch (default reference); the
+presets reference and small_batch are the same.
   reference (default)  the reference README's CIFAR-10 command: ResNet-18, the default 3-layer head
                        to 128 dims, batch 512, LARS lr 1.0 (linear scaling), weight decay 1e-4,
                        temperature 0.5, colour strength 0.5, no blur, 10 warmup epochs, 1000 epochs.
@@ -13,10 +15,18 @@ Presets:
 """
 
 from simclr_jax import config as base
+from simclr_jax.configs.arguments import Arguments
+
+ARGUMENTS = Arguments(
+    "pretrain_cifar10",
+    {"recipe": "reference"},
+    choices={"recipe": ("reference", "small_batch")},
+    presets={"reference": "recipe=reference", "small_batch": "recipe=small_batch"},
+)
 
 
 def get_config(arg: str | None = None):
-    preset = arg or "reference"
+    recipe = ARGUMENTS.parse(arg).recipe
     c = base.pretrain_config()
     c.dataset.name = "cifar10"
     c.dataset.image_size = 32
@@ -30,19 +40,17 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5000
     c.eval_every_steps = 10000
-    if preset == "reference":
+    if recipe == "reference":
         c.batch_size = 512
         c.optim.base_lr = 1.0
         c.optim.lr_scaling = "linear"
         c.loss.temperature = 0.5
         c.model.num_proj_layers = 3  # the reference's default (its CIFAR command keeps it)
-    elif preset == "small_batch":
+    else:
         c.batch_size = 256
         c.optim.base_lr = 0.2
         c.optim.lr_scaling = "sqrt"
         c.loss.temperature = 0.2
         c.model.num_proj_layers = 2
         c.model.proj_out_dim = 64
-    else:
-        raise ValueError(f"unknown preset {preset!r} for pretrain_cifar10: reference, small_batch")
     return base.lock(c)

@@ -1,20 +1,32 @@
 """Pretrain on Fashion-MNIST: the embedded default, real data available offline.
 
-    python -m simclr_jax.pretrain --config=configs/pretrain_fashion_mnist.py --workdir=/tmp/fm
-    python -m simclr_jax.pretrain --config=configs/pretrain_fashion_mnist.py:resnet18 --workdir=/tmp/fm18
+    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_fashion_mnist.py \
+        --workdir=/tmp/fm
+    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_fashion_mnist.py:resnet18 \
+        --workdir=/tmp/fm18
 
-Presets:
-  demo (default)  a narrow ResNet-18 (base width 8) for 2 epochs on a 2-core CPU; `make demo` runs
-                  it and compares linear classifiers on its features and on raw pixels (README).
-  resnet18        the standard-width ResNet-18 with the CIFAR stem, for a GPU: 200 epochs.
-  tiny            a few-step smoke configuration used by the tests.
+Argument (simclr_jax.configs.arguments): size=demo|full|tiny (default demo).
+  size=demo   a narrow ResNet-18 (base width 8) for 2 epochs on a 2-core CPU; `make demo` runs it
+              and compares linear classifiers on its features and on raw pixels (README).
+  size=full   the standard-width ResNet-18 with the CIFAR stem, for a GPU: 200 epochs.
+  size=tiny   a few-step smoke configuration used by the tests.
+Presets: demo, resnet18 (= size=full), tiny.
 """
 
 from simclr_jax import config as base
+from simclr_jax.configs.arguments import Arguments
+
+SIZES = ("full", "demo", "tiny")  # the Fashion-MNIST configs' sizes (network and schedule)
+ARGUMENTS = Arguments(
+    "pretrain_fashion_mnist",
+    {"size": "demo"},
+    choices={"size": SIZES},
+    presets={"demo": "size=demo", "resnet18": "size=full", "tiny": "size=tiny"},
+)
 
 
 def get_config(arg: str | None = None):
-    preset = arg or "demo"
+    size = ARGUMENTS.parse(arg).size
     c = base.pretrain_config()
     c.dataset.name = "fashion_mnist"
     c.dataset.image_size = 28
@@ -30,20 +42,20 @@ def get_config(arg: str | None = None):
     c.optim.base_lr = 0.2
     c.optim.lr_scaling = "sqrt"
     c.optim.weight_decay = 1e-4
-    if preset == "demo":
+    if size == "demo":
         c.model.base_width = 8
         c.batch_size = 256
         c.num_epochs = 2.0
         c.optim.warmup_epochs = 0.2
         c.log_every_steps = 25
         c.checkpoint_every_steps = 500
-    elif preset == "resnet18":
+    elif size == "full":
         c.batch_size = 512
         c.num_epochs = 200.0
         c.optim.warmup_epochs = 10.0
         c.log_every_steps = 100
         c.eval_every_steps = 2000
-    elif preset == "tiny":
+    else:
         c.model.base_width = 4
         c.model.proj_out_dim = 16
         c.batch_size = 32
@@ -52,8 +64,4 @@ def get_config(arg: str | None = None):
         c.optim.warmup_epochs = 0.0
         c.log_every_steps = 2
         c.checkpoint_every_steps = 2
-    else:
-        raise ValueError(
-            f"unknown preset {preset!r} for pretrain_fashion_mnist: demo, resnet18, tiny"
-        )
     return base.lock(c)

@@ -1,8 +1,13 @@
 """Pretrain on ImageNet (tfds `imagenet2012`, prepared by the user; 224 px crops made on the host).
 
-    python -m simclr_jax.pretrain --config=configs/pretrain_imagenet.py:v1 --workdir=gs://BUCKET/r50
-    python -m simclr_jax.pretrain --config=configs/pretrain_imagenet.py:r152_3x_sk1 --workdir=...
+    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_imagenet.py:v1 \
+        --workdir=gs://BUCKET/r50
+    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_imagenet.py:r152_3x_sk1 \
+        --workdir=...
 
+Arguments (simclr_jax.configs.arguments): version=1|2 (the recipe, default 1), depth (default 50),
+width (the width multiplier, default 1), sk=0|1 (selective kernels, default 0); e.g.
+`:version=2,depth=101,width=2,sk=1` is the preset r101_2x_sk1.
 Presets:
   v1 (default)         SimCLR v1: ResNet-50 1x, 2-layer head, batch 4096, LARS lr 0.3 (linear scaling),
                        weight decay 1e-6, temperature 0.1, 100 epochs, blur on. The paper reports 69.3%
@@ -14,15 +19,25 @@ Presets:
                        (decay 0.999) fills a 65,536-entry queue of extra negatives.
 """
 
-import re
-
 from simclr_jax import config as base
+from simclr_jax.configs.arguments import Arguments
 
-_V2 = re.compile(r"r(50|101|152|200)_([123])x_sk([01])$")
+V2_PRESETS = {
+    f"r{depth}_{width}x_sk{sk}": f"version=2,depth={depth},width={width},sk={sk}"
+    for depth in (50, 101, 152, 200)
+    for width in (1, 2, 3)
+    for sk in (0, 1)
+}
+ARGUMENTS = Arguments(
+    "pretrain_imagenet",
+    {"version": 1, "depth": 50, "width": 1, "sk": 0},
+    choices={"version": (1, 2), "sk": (0, 1)},
+    presets={"v1": "version=1,depth=50,width=1,sk=0", **V2_PRESETS},
+)
 
 
 def get_config(arg: str | None = None):
-    preset = arg or "v1"
+    a = ARGUMENTS.parse(arg)
     c = base.pretrain_config()
     c.dataset.name = "imagenet2012"
     c.dataset.source = "tfds"
@@ -39,18 +54,16 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2500
     c.eval_every_steps = 10000
-    if preset == "v1":
-        c.model.depth = 50
+    c.model.depth = a.depth
+    c.model.width_multiplier = a.width
+    c.model.sk_ratio = 0.0625 if a.sk else 0.0
+    if a.version == 1:
         c.model.num_proj_layers = 2
         c.optim.base_lr = 0.3
         c.optim.lr_scaling = "linear"
         c.optim.weight_decay = 1e-6
         c.num_epochs = 100.0
-    elif match := _V2.match(preset):
-        depth, width, sk = match.groups()
-        c.model.depth = int(depth)
-        c.model.width_multiplier = int(width)
-        c.model.sk_ratio = 0.0625 if sk == "1" else 0.0
+    else:
         c.model.num_proj_layers = 3
         c.optim.base_lr = 0.1
         c.optim.lr_scaling = "sqrt"
@@ -59,9 +72,4 @@ def get_config(arg: str | None = None):
         c.memory.enabled = True  # SimCLRv2's MoCo-style memory: 64K queue, EMA decay 0.999.
         c.memory.size = 65536
         c.memory.ema_decay = 0.999
-    else:
-        raise ValueError(
-            f"unknown preset {preset!r} for pretrain_imagenet: v1 or rDEPTH_Wx_skS "
-            "(DEPTH 50/101/152/200, W 1-3, S 0/1), e.g. r152_3x_sk1"
-        )
     return base.lock(c)

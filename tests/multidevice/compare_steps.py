@@ -6,8 +6,6 @@ the loss and metrics, the averaged gradients, the new BN statistics and the LARS
 
 import json
 import os
-import pathlib
-import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,12 +13,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "configs"))
-
-import pretrain_fashion_mnist  # noqa: E402
-
 from simclr_jax import parallel, pretrain  # noqa: E402
+from simclr_jax.configs import pretrain_fashion_mnist  # noqa: E402
 from simclr_jax.models import build_model, init_variables  # noqa: E402
 from simclr_jax.optim import make_optimizer  # noqa: E402
 from simclr_jax.train.state import TrainState  # noqa: E402

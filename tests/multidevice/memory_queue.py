@@ -12,7 +12,6 @@ scalar results.
 
 import json
 import os
-import pathlib
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -22,12 +21,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "configs"))
-
-import pretrain_fashion_mnist  # noqa: E402
-
 from simclr_jax import losses, parallel, pretrain  # noqa: E402
+from simclr_jax.configs import pretrain_fashion_mnist  # noqa: E402
 from simclr_jax.data import augment  # noqa: E402
 from simclr_jax.models import build_model  # noqa: E402
 

@@ -15,8 +15,6 @@ import os
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,8 +26,7 @@ def parse_args():
 
 
 def tiny_config(num_steps: int):
-    sys.path.insert(0, str(ROOT / "configs"))
-    import pretrain_fashion_mnist
+    from simclr_jax.configs import pretrain_fashion_mnist
 
     config = pretrain_fashion_mnist.get_config("tiny")
     config.dataset.train_split = "train[:512]"

@@ -43,6 +43,9 @@ def augment_config() -> ConfigDict:
     c.use_blur = True  # Gaussian blur p=0.5, sigma in [0.1, 2]; off at 32 px and below (reference).
     c.crop_min_area = 0.08  # smallest area fraction of the random-resized crop.
     c.flip = True  # random horizontal flip.
+    # Colour jitter's brightness: 'multiplicative' x * U[1-0.8s, 1+0.8s] (SimCLRv2, the reference
+    # code's default) or 'additive' x + U[-0.8s, 0.8s] (SimCLR v1, the reference's impl='simclrv1').
+    c.brightness = "multiplicative"
     return c
 
 
@@ -63,10 +66,15 @@ def model_config() -> ConfigDict:
 def optim_config() -> ConfigDict:
     """Optimizer and learning-rate rule (see simclr_jax.optim)."""
     c = ConfigDict()
-    c.name = "lars"  # 'lars', 'momentum', 'adam' or 'adamw'.
+    # 'lars'; 'momentum' (the reference's: Nesterov, learning rate inside the velocity); 'sgd'
+    # (optax heavy-ball momentum, learning rate after the buffer); 'adam'; 'adamw'. See optim.py.
+    c.name = "lars"
     c.base_lr = 0.3  # learning rate before batch scaling.
     c.lr_scaling = "linear"  # 'linear': base_lr * batch / 256; 'sqrt': base_lr * sqrt(batch).
-    c.weight_decay = 1e-6  # decoupled weight decay (kernels only; never biases or BatchNorm).
+    # Weight decay as an L2 term wd * w added to the gradient (before LARS's trust ratio and
+    # momentum): lars, sgd on kernels only; momentum, adam on every non-BatchNorm parameter, biases
+    # included (the reference); adamw decoupled, kernels only.
+    c.weight_decay = 1e-6
     c.momentum = 0.9  # momentum of LARS / SGD.
     c.trust_coefficient = 1e-3  # LARS trust coefficient (eta).
     c.warmup_epochs = 10.0  # linear warmup length, then cosine decay to zero.
@@ -191,7 +199,7 @@ def finetune_config() -> ConfigDict:
     # Reference SimCLRv2 fine-tuning: LARS, lr 0.005 * sqrt(batch), no weight decay, no warmup.
     c.optim.base_lr = 0.005  # learning rate before batch scaling.
     c.optim.lr_scaling = "sqrt"  # 'linear' (base_lr * batch / 256) or 'sqrt'.
-    c.optim.weight_decay = 0.0  # decoupled weight decay (kernels only).
+    c.optim.weight_decay = 0.0  # L2 weight decay (see optim_config).
     c.optim.warmup_epochs = 0.0  # linear warmup length, then cosine decay to zero.
     _run_fields(c)
     return c
@@ -225,7 +233,7 @@ def distill_config() -> ConfigDict:
     c.optim = optim_config()
     c.optim.base_lr = 0.1  # learning rate before batch scaling.
     c.optim.lr_scaling = "sqrt"  # 'linear' (base_lr * batch / 256) or 'sqrt'.
-    c.optim.weight_decay = 1e-4  # decoupled weight decay (kernels only).
+    c.optim.weight_decay = 1e-4  # L2 weight decay (see optim_config).
     c.optim.warmup_epochs = 1.0  # linear warmup length, then cosine decay to zero.
     _run_fields(c)
     return c

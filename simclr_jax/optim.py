@@ -1,8 +1,18 @@
-"""Learning-rate rules and schedules, the optimizers (LARS/momentum/Adam/AdamW) and their masks.
+"""Learning-rate rules and schedules, the optimizers (LARS/momentum/SGD/Adam/AdamW), their masks.
 
 Everything numeric is optax's; this module only chooses, masks and validates, following the
-reference SimCLR: LARS with the learning rate inside the momentum buffer, weight decay and trust
-ratio skipping biases and BatchNorm parameters, the classifier decayed but without trust ratio.
+reference SimCLR (tf2/model.py build_optimizer, add_weight_decay):
+  lars      LARS with the learning rate inside the momentum buffer; its weight decay (an L2 term
+            added to the gradient before the trust ratio and momentum) and trust ratio skip biases
+            and BatchNorm parameters; the classifier is decayed but gets no trust ratio.
+  momentum  Keras SGD(nesterov=True): v <- m v - lr g; w <- w + m v - lr g (the learning rate
+            inside the velocity), with an L2 term on every parameter but BatchNorm's, biases
+            included (the reference's loss term wd * sum ||w||^2 / 2 over non-BN weights).
+  adam      Adam with that same L2 term, as the reference.
+Ours, not the reference's:
+  sgd       optax.sgd heavy-ball momentum (v <- m v + g; w <- w - lr v: the learning rate after
+            the buffer, no Nesterov) with L2 on kernels only (no biases, no BN).
+  adamw     decoupled weight decay on kernels only.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import jax
 import optax
 
 LR_SCALINGS = ("linear", "sqrt")
-OPTIMIZERS = ("lars", "momentum", "adam", "adamw")
+OPTIMIZERS = ("lars", "momentum", "sgd", "adam", "adamw")
 CLASSIFIER = "classifier"
 
 
@@ -86,6 +96,14 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: _decays(_path_names(path)), params)
 
 
+def l2_mask(params: Any) -> Any:
+    """True for every parameter but BatchNorm's, biases included: the reference's L2 term for its
+    momentum and Adam optimizers covers every weight whose name lacks 'batch_normalization'."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not _is_batch_norm(_path_names(path)), params
+    )
+
+
 def trust_ratio_mask(params: Any) -> Any:
     """Like `weight_decay_mask`, but False under the top-level 'classifier' (no LARS adaptation)."""
 
@@ -121,17 +139,35 @@ def _base_optimizer(
         )
     if name == "adamw":
         return optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)
+    momentum = optim_config.get("momentum", 0.9)
     if name == "momentum":
-        inner = optax.sgd(learning_rate, momentum=optim_config.get("momentum", 0.9))
+        inner, mask = nesterov_momentum(learning_rate, momentum), l2_mask
+    elif name == "sgd":
+        inner, mask = optax.sgd(learning_rate, momentum=momentum), weight_decay_mask
     elif name == "adam":
-        inner = optax.adam(learning_rate)
+        inner, mask = optax.adam(learning_rate), l2_mask
     else:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}; got {name!r}")
     if weight_decay == 0:
         return inner
-    # L2 added to the gradient before momentum/Adam, as the reference's momentum optimizer does
-    # (there weight decay is an l2 loss term); same masks as LARS.
-    return optax.chain(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask), inner)
+    # L2: wd * w added to the gradient before the momentum / Adam statistics (the reference's
+    # weight decay is a loss term wd * ||w||^2 / 2).
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=mask), inner)
+
+
+def nesterov_momentum(
+    learning_rate: optax.ScalarOrSchedule, momentum: float
+) -> optax.GradientTransformation:
+    """Keras SGD(momentum, nesterov=True), the reference's 'momentum' optimizer.
+
+    v <- m v - lr g;  w <- w + m v - lr g. The learning rate is inside the velocity, so a change
+    of learning rate does not rescale the momentum already accumulated (optax.sgd's
+    w <- w - lr (g + m t) does): scale by -lr first, then the Nesterov trace.
+    """
+    return optax.chain(
+        optax.scale_by_learning_rate(learning_rate),
+        optax.trace(decay=momentum, nesterov=True),
+    )
 
 
 def make_optimizer(
@@ -141,7 +177,7 @@ def make_optimizer(
     learning_rate: optax.ScalarOrSchedule,
     frozen: Any | None = None,
 ) -> optax.GradientTransformation:
-    """The optimizer named by `optim_config.name` ('lars', 'momentum', 'adam', 'adamw').
+    """The optimizer named by `optim_config.name` ('lars', 'momentum', 'sgd', 'adam', 'adamw').
 
     optim_config fields read: name, weight_decay, momentum, trust_coefficient (ml_collections
     ConfigDict or anything with `.name` and `.get`). Masks come from the parameter paths (see

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from simclr_jax import memory, optim, parallel
+from simclr_jax.data import augment as augment_ops
 from simclr_jax.data import sources, splits
 from simclr_jax.models.build import validate_model_fields
 
@@ -62,6 +63,7 @@ def check_augment(augment: ml_collections.ConfigDict) -> None:
     non_negative("augment.color_jitter_strength", augment.color_jitter_strength)
     crop = augment.crop_min_area
     _check(_number(crop) and 0 < crop <= 1, "augment.crop_min_area", "in (0, 1]", crop)
+    one_of("augment.brightness", augment.brightness, augment_ops.BRIGHTNESS_MODES)
 
 
 def check_optim(optim_config: ml_collections.ConfigDict) -> None:

@@ -191,10 +191,65 @@ def test_lars_matches_numpy_reference(schedule):
         assert not np.allclose(value, flat[key]), key  # every parameter moved
 
 
-def test_momentum_matches_numpy_reference():
-    """optax.sgd: v <- momentum * v + (g + wd * w); w <- w - lr * v (L2 on the decay mask)."""
+# Every parameter but BatchNorm's: kernels and the classifier's bias (the reference's L2 set).
+NON_BN = KERNELS | {("classifier", "bias")}
+
+
+def reference_keras_nesterov(params, grads_per_step, lrs, *, weight_decay, momentum, decayed):
+    """Keras SGD(nesterov=True) on loss + wd * sum ||w||^2 / 2 over `decayed`, on flat dicts:
+
+    g <- g + wd * w;  v <- momentum * v - lr * g;  w <- w + momentum * v - lr * g.
+    """
+    weights = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    velocity = {k: np.zeros_like(v) for k, v in weights.items()}
+    for grads, lr in zip(grads_per_step, lrs, strict=True):
+        for key, w in weights.items():
+            g = np.asarray(grads[key], np.float64) + (weight_decay * w if decayed[key] else 0.0)
+            velocity[key] = momentum * velocity[key] - lr * g
+            weights[key] = w + momentum * velocity[key] - lr * g
+    return weights
+
+
+def test_momentum_is_keras_nesterov_with_the_learning_rate_inside_the_velocity():
     params = fake_simclr_params()
-    optimizer = optim.make_optimizer(_config("momentum"), params, learning_rate=0.1)
+    flat = _flat(params)
+    steps = 10
+    schedule = lambda count: 0.3 * 0.7**count  # noqa: E731 (a changing learning rate)
+    optimizer = optim.make_optimizer(_config("momentum"), params, learning_rate=schedule)
+    final = _flat(_run(optimizer, params, steps))
+    grads = [_flat(_gradients(params, step)) for step in range(steps)]
+    lrs = [schedule(s) for s in range(steps)]
+    decayed = {k: k in NON_BN for k in flat}
+    expected = reference_keras_nesterov(
+        flat, grads, lrs, weight_decay=1e-2, momentum=0.9, decayed=decayed
+    )
+    for key, value in final.items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+    # The test can tell where the learning rate sits: with it after the buffer (optax.sgd's
+    # Nesterov) the weights end elsewhere.
+    outside = _flat(
+        _run(
+            optax.chain(
+                optax.add_decayed_weights(1e-2, mask=optim.l2_mask),
+                optax.sgd(schedule, momentum=0.9, nesterov=True),
+            ),
+            params,
+            steps,
+        )
+    )
+    key = ("classifier", "kernel")
+    assert np.abs(outside[key] - expected[key]).max() > 1e-2
+
+
+def test_l2_mask_covers_biases_but_not_batch_norm():
+    l2 = _flat(optim.l2_mask(fake_simclr_params()))
+    assert {k for k, on in l2.items() if on} == NON_BN
+
+
+def test_sgd_matches_numpy_reference():
+    """optax.sgd: v <- momentum * v + (g + wd * w); w <- w - lr * v (L2 on kernels only)."""
+    params = fake_simclr_params()
+    optimizer = optim.make_optimizer(_config("sgd"), params, learning_rate=0.1)
     final = _flat(_run(optimizer, params, 3))
     flat = _flat(params)
     for key, w0 in flat.items():
@@ -204,6 +259,17 @@ def test_momentum_matches_numpy_reference():
             v = 0.9 * v + g + (1e-2 * w if key in KERNELS else 0.0)
             w = w - 0.1 * v
         np.testing.assert_allclose(final[key], w, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_adam_l2_term_covers_biases_but_not_batch_norm():
+    """With zero gradients Adam's only input is the L2 term wd * w: exactly the non-BN params move."""
+    params = fake_simclr_params()
+    optimizer = optim.make_optimizer(_config("adam", weight_decay=0.5), params, learning_rate=0.1)
+    updates, _ = jax.jit(optimizer.update)(
+        jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params
+    )
+    moved = {k for k, u in _flat(updates).items() if np.abs(np.asarray(u)).max() > 0}
+    assert moved == {k for k in NON_BN if np.abs(np.asarray(_flat(params)[k])).max() > 0}
 
 
 def test_adamw_decays_only_masked_params():

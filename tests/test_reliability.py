@@ -143,6 +143,7 @@ BAD_VALUES = [
     ("parallel.backend", "xmap", "parallel.backend must be one of"),
     ("nonfinite", "ignore", "nonfinite must be one of"),
     ("augment.crop_min_area", 1.5, "augment.crop_min_area must be in (0, 1]"),
+    ("augment.brightness", "additve", "augment.brightness must be one of"),
 ]
 
 

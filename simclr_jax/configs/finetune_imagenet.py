@@ -12,9 +12,11 @@ fraction=1.0|0.1|0.01 (default recipe=linear_eval,fraction=1.0); linear_eval tak
 semi the 1% / 10% subsets. Presets (the reference google-research/simclr README commands): 1pct
 is recipe=semi,fraction=0.01, supervised_10pct is recipe=supervised,fraction=0.1, and so on.
   linear_eval (default)  frozen backbone (fine_tune_after_block=4), zero-initialised classifier,
-                         momentum, lr 0.1 x B/256, weight decay 1e-6, batch 4096, 90 epochs, no
-                         warmup, local BN. The README reports ~64.5% top-1 for a 100-epoch SimCLR v1
-                         ResNet-50; SimCLRv2 (800 epochs) reports 71.7% (R50 1x) .. 79.8% (R152 3x SK).
+                         momentum (the reference's Nesterov, learning rate inside the velocity; L2
+                         on every non-BN weight, biases included), lr 0.1 x B/256, weight decay
+                         1e-6, batch 4096, 90 epochs, no warmup, local BN. The README reports
+                         ~64.5% top-1 for a 100-epoch SimCLR v1 ResNet-50; SimCLRv2 (800 epochs)
+                         reports 71.7% (R50 1x) .. 79.8% (R152 3x SK).
   1pct, 10pct            fine-tune every layer from the first head layer (ft_proj_selector=1), global
                          BN, LARS lr 0.005 x sqrt(B), no weight decay, batch 1024, no warmup,
                          60 epochs (1%) / 30 epochs (10%). SimCLRv2 reports 57.9% / 68.4% top-1 (R50

@@ -163,3 +163,27 @@ def test_results_and_config_files(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["seed"] == 3 and saved["model"] == {"depth": 18}
     assert sorted(os.listdir(tmp_path)) == ["config.json", "results.json"]  # no temp files left
+
+
+def test_first_eta_excludes_the_compiling_step():
+    # Step 1 compiles (49 s); then steps take 0.1 s. 25 steps remain after step 5: ETA 2.5 s.
+    writer = RecordingWriter()
+    start = time.monotonic()
+    progress = metrics.Progress(30, writer=writer, every_steps=5, first_step=0)
+    assert not progress(1, now=start + 49.0)
+    for step in (2, 3, 4):
+        assert not progress(step, now=start + 49.0 + 0.1 * (step - 1))
+    assert progress(5, now=start + 49.4)
+    ((step, scalars),) = writer.records
+    assert step == 5
+    assert scalars["steps_per_sec"] == pytest.approx(10.0, rel=1e-6)
+    assert scalars["eta_sec"] == pytest.approx(2.5, rel=1e-6)
+    assert scalars["elapsed_sec"] == pytest.approx(49.4, rel=1e-6)
+    # Reporting every step after a resume at 80: step 81 compiles, so it shows no ETA yet.
+    writer = RecordingWriter()
+    progress = metrics.Progress(90, writer=writer, every_steps=1, first_step=80)
+    assert progress(81, now=start + 30.0)
+    assert progress(82, now=start + 30.5)
+    (_, first), (_, second) = writer.records
+    assert "eta_sec" not in first
+    assert second["eta_sec"] == pytest.approx(4.0, rel=1e-6)  # 8 steps left at 2 steps/s

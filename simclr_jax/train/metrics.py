@@ -186,8 +186,9 @@ class Progress:
     """Reports steps/s, images/s, elapsed time and ETA every `every_steps` steps.
 
     Call it after each step with the step just finished; it returns True when it reported.
-    Rates cover the steps since the previous report (the first window starts at construction,
-    at `first_step`, so after a resume the ETA counts only the steps still to run).
+    Rates cover the steps since the previous report. The first step after `first_step` compiles
+    the program, so the first window starts when it ends: a report at that step has no ETA, and
+    the first ETA counts only running steps (after a resume, only the steps still to run).
     Written here rather than with clu's ReportProgress, which needs TensorFlow to import, must be
     called at every single step, and reports neither images/s nor the ETA to the writer.
     """
@@ -210,23 +211,27 @@ class Progress:
         self.batch_size = batch_size
         self._writer = writer
         self._start_time = self._last_time = time.monotonic()
-        self._last_step = first_step
+        self._last_step = self._first_step = first_step
 
     def __call__(self, step: int, now: float | None = None) -> bool:
         due = step % self.every_steps == 0 or step == self.total_steps
-        if not due or step <= self._last_step:
+        compiling = step == self._first_step + 1
+        if (not due and not compiling) or step <= self._last_step:
             return False
         now = time.monotonic() if now is None else now
+        if not due:  # the compiling step: only start the clock
+            self._last_step, self._last_time = step, now
+            return False
         steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
-        scalars = {
-            "steps_per_sec": steps_per_sec,
-            "elapsed_sec": now - self._start_time,
-            "eta_sec": (self.total_steps - step) / steps_per_sec,
-        }
+        scalars = {"steps_per_sec": steps_per_sec, "elapsed_sec": now - self._start_time}
         message = f"{steps_per_sec:.2f} steps/s"
         if self.batch_size:
             scalars["images_per_sec"] = steps_per_sec * self.batch_size
             message += f", {scalars['images_per_sec']:.1f} images/s"
+        eta = "after the first step (it compiles)"
+        if not compiling:
+            scalars["eta_sec"] = (self.total_steps - step) / steps_per_sec
+            eta = format_seconds(scalars["eta_sec"])
         logging.info(
             "step %d/%d (%.1f%%): %s, elapsed %s, ETA %s",
             step,
@@ -234,7 +239,7 @@ class Progress:
             100 * step / max(self.total_steps, 1),
             message,
             format_seconds(scalars["elapsed_sec"]),
-            format_seconds(scalars["eta_sec"]),
+            eta,
         )
         self._writer.write_scalars(step, scalars)
         self._last_step, self._last_time = step, now

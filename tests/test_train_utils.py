@@ -187,3 +187,22 @@ def test_first_eta_excludes_the_compiling_step():
     (_, first), (_, second) = writer.records
     assert "eta_sec" not in first
     assert second["eta_sec"] == pytest.approx(4.0, rel=1e-6)  # 8 steps left at 2 steps/s
+
+
+def test_records_of_redone_steps_are_dropped_on_resume(tmp_path):
+    lines = [
+        {"hparams": {"seed": 1}},
+        *({"step": s, "loss": float(s)} for s in range(1, 8)),
+        {"step": 5, "eval_top1": 0.5},
+    ]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 8, "lo'  # cut short
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert metrics.drop_steps_after(tmp_path, 5, is_main=False) == 0  # only process 0 edits
+    assert metrics.drop_steps_after(tmp_path, 5, is_main=True) == 3
+    kept = read_jsonl(tmp_path / "metrics.jsonl")
+    assert kept == [lines[0], *lines[1:6], lines[-1]]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    writer = metrics.JsonlWriter(tmp_path / "metrics.jsonl")
+    writer.write_scalars(6, {"loss": 6.5})
+    writer.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1] == {"step": 6, "loss": 6.5}

@@ -246,6 +246,32 @@ class Progress:
         return True
 
 
+def drop_steps_after(workdir: epath.PathLike, step: int, *, is_main: bool | None = None) -> int:
+    """Removes `workdir/metrics.jsonl` records of steps after `step`; returns how many.
+
+    A run resumed from the checkpoint at `step` trains the steps after it again; their records
+    from before the interruption (written since that checkpoint) would otherwise appear twice.
+    Call before creating the writer. Only the main process touches the file.
+    """
+    path = epath.Path(workdir) / METRICS_FILE
+    if not _is_main(is_main) or not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+        if record.get("step", step) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.parent / f".{path.name}.tmp"
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return len(lines) - len(kept)
+
+
 def write_results_json(
     workdir: epath.PathLike,
     metrics: Mapping[str, Any],

@@ -158,6 +158,7 @@ def augmented_views(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
         use_blur=aug.use_blur,
         crop_min_area=aug.crop_min_area,
         flip=aug.flip,
+        brightness=aug.brightness,
     )
     return {"view_a": view_a, "view_b": view_b, "label": batch["label"]}
 

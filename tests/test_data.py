@@ -342,7 +342,7 @@ def test_write_pairs_grid(tmp_path):
             "dataset": dataset_config(name="folder", source="folder", data_dir=str(tmp_path),
                                       image_size=16),
             "augment": {"color_jitter_strength": 1.0, "use_blur": True, "crop_min_area": 0.08,
-                        "flip": True},
+                        "flip": True, "brightness": "multiplicative"},
         }
     )  # fmt: skip
     out = show.write_pairs(config, str(tmp_path / "pairs.png"), num=4)

@@ -39,6 +39,7 @@ def views_for_display(config, num: int) -> np.ndarray:
         use_blur=aug.use_blur,
         crop_min_area=aug.crop_min_area,
         flip=aug.flip,
+        brightness=aug.brightness,
     )
     original = augment.eval_preprocess(images, out_size=size)
     return np.asarray(jnp.stack([original, view_a, view_b], axis=1))

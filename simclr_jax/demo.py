@@ -25,10 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from simclr_jax import distill, finetune, pretrain
+from simclr_jax import cli, distill, finetune, pretrain
 from simclr_jax.configs import distill_fashion_mnist, finetune_fashion_mnist, pretrain_fashion_mnist
 from simclr_jax.data import sources
 from simclr_jax.data.label_fraction import stratified_subset
@@ -138,4 +138,4 @@ if __name__ == "__main__":
     )
     flags.DEFINE_string("workdir", "demo_out", "Each stage's workdir goes under this folder.")
     flags.DEFINE_float("label_fraction", 0.01, "Fraction of labels for the few-label rows.")
-    app.run(main)
+    cli.run(main)

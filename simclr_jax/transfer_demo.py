@@ -21,9 +21,9 @@ import json
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from simclr_jax import encoder, finetune, pretrain
+from simclr_jax import cli, encoder, finetune, pretrain
 from simclr_jax.configs import pretrain_fashion_mnist, transfer_digits
 from simclr_jax.data import digits
 from simclr_jax.demo import run_stage
@@ -104,4 +104,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", "demo_out", "The pretraining is WORKDIR/pretrain.")
-    app.run(main)
+    cli.run(main)

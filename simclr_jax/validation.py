@@ -50,6 +50,7 @@ def check_dataset(dataset: ml_collections.ConfigDict) -> None:
     positive("dataset.image_size", dataset.image_size)
     one_of("dataset.channels", str(dataset.channels), ("1", "3"))
     one_of("dataset.bad_images", dataset.bad_images, BAD_IMAGE_POLICIES)
+    sources.check_data_dir(dataset)
     for field in ("train_split", "eval_split"):
         split = dataset[field]
         if split:

@@ -272,3 +272,33 @@ def test_every_config_file_loads_through_config_flags_from_the_command_line():
             assert loaded[name]["batch_size"] == 24
             expected["batch_size"] = 24
         assert loaded[name] == json.loads(json.dumps(expected)), name
+
+
+def readme_config_commands() -> list[list[str]]:
+    """The --config and --config.* arguments of each command in the README's code blocks."""
+    readme = (CONFIGS.parents[1] / "README.md").read_text()
+    blocks = "\n".join(readme.split("```")[1::2]).replace("\\\n", " ")
+    commands = []
+    for line in blocks.splitlines():
+        args = [arg[arg.index("--config") :] for arg in line.split() if "--config" in arg]
+        if args and args[0].startswith("--config=") and ".py" in args[0]:
+            commands.append(args)
+    return commands
+
+
+def test_every_readme_command_loads_its_config_and_overrides():
+    """As written: the file exists, the argument parses, every overridden field exists."""
+    commands = readme_config_commands()
+    assert len(commands) >= 10
+    root = CONFIGS.parents[1]
+    for args in commands:
+        path = args[0].removeprefix("--config=")
+        argv = ["prog", f"--config={root / path}", *args[1:]]
+        registry = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=registry, lock_config=True)
+        saved, sys.argv = sys.argv, argv  # config_flags reads overrides from sys.argv
+        try:
+            registry(argv)
+        finally:
+            sys.argv = saved
+        assert registry.config.batch_size > 0, args

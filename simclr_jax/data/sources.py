@@ -39,12 +39,33 @@ def _local(name: str, split: str, data_dir: str) -> ImageArrays:
     return ImageArrays(images[keep], labels[keep], num_classes)
 
 
+_DATA_DIR_HOLDS = {
+    "folder": "the image folder, one subfolder per split",
+    "tfds": "the folder of prepared tfds datasets (`tfds build NAME --data_dir=...`)",
+}
+
+
+def check_data_dir(dataset_config) -> None:
+    """A data_dir that is set must be a folder: one line naming it, not a library's traceback.
+
+    Bucket paths (gs://...) are left to the reader, which reports them when it reads."""
+    data_dir = dataset_config.data_dir
+    if data_dir and "://" not in data_dir and not epath.Path(data_dir).is_dir():
+        source = dataset_config.source
+        holds = _DATA_DIR_HOLDS.get(source, "the dataset's files or prepared tfds datasets")
+        raise ValueError(
+            f"dataset.data_dir={data_dir!r} is not a folder (dataset.source={source!r}: it must "
+            f"name {holds})"
+        )
+
+
 def _folder(dataset_config, split: str) -> ImageArrays:
     from simclr_jax.data import folders
 
     root = dataset_config.data_dir
     if not root:
         raise ValueError("dataset.data_dir must name the image folder when dataset.source='folder'")
+    check_data_dir(dataset_config)
     base, _, _ = splits.parse_split(split)
     directory = epath.Path(root) / base  # a local folder or a bucket (gs://...)
     if not directory.is_dir():

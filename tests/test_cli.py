@@ -1,0 +1,208 @@
+"""The stages' command line as a user meets it: help, one-line user errors, tracebacks for bugs,
+and logs without orbax's internals (the rules are simclr_jax/cli.py's docstring)."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simclr_jax import cli, losses, validation
+from simclr_jax.configs import pretrain_fashion_mnist
+
+TINY = f"{pretrain_fashion_mnist.__file__}:tiny"
+
+
+def run(*args: str, module: str = "simclr_jax.pretrain", cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def test_help_exits_0_and_lists_the_stage_flags():
+    result = run("--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--config:", "--workdir:", "--stop_at_step:", "--coordinator_address:"):
+        assert flag in result.stdout
+    assert "python -m simclr_jax.pretrain" in result.stdout  # the stage's docstring
+    assert "--jax_" not in result.stdout  # only the stage's own flags (absl's are in --helpfull)
+
+
+def test_helpfull_exits_0_and_lists_every_flag():
+    result = run("--helpfull", module="simclr_jax.finetune")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--config:" in result.stdout and "--workdir:" in result.stdout
+    assert "--verbosity" in result.stdout  # absl's own flags too
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--config=" + TINY.replace(":tiny", ":size=huge")], "size='huge'"),  # bad argument
+        (
+            [f"--config={TINY}", "--config.batch_sise=3"],
+            "no such config field 'batch_sise'; Did you mean \"batch_size\"",
+        ),
+        (["--config=no_such_config.py"], "No such file or directory: 'no_such_config.py'"),
+        (
+            [
+                f"--config={TINY}",
+                "--config.dataset.source=folder",
+                "--config.dataset.name=folder",
+                "--config.dataset.data_dir=/no/such/images",
+            ],
+            "dataset.data_dir='/no/such/images' is not a folder",
+        ),
+    ],
+)
+def test_user_errors_are_one_line_without_a_traceback(args, needle, tmp_path):
+    result = run(*args, f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("simclr_jax.pretrain: error: ") and needle in last, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("source", ["tfds", "auto", "folder"])
+def test_a_missing_data_dir_is_named_before_any_work(source, tmp_path):
+    config = pretrain_fashion_mnist.get_config("tiny")
+    config.dataset.source = source
+    config.dataset.data_dir = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match=f"dataset.data_dir='{tmp_path}/nope' is not a folder"):
+        validation.check_dataset(config.dataset)
+    config.dataset.data_dir = str(tmp_path)  # an existing folder passes
+    validation.check_dataset(config.dataset)
+    config.dataset.data_dir = "gs://bucket/tfds"  # left to the reader (no network here)
+    validation.check_dataset(config.dataset)
+
+
+PROGRAM = """
+import sys
+import numpy as np
+from simclr_jax import cli, validation
+
+def main(argv):
+    if argv[1] == "ours":
+        validation.positive("optim.base_lr", -1.0)
+    np.zeros(3).reshape(2)  # a library's ValueError: a bug, not the user's
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize(
+    "which,verbose,traceback",
+    [("ours", False, False), ("ours", True, True), ("library", False, True)],
+)
+def test_our_errors_are_one_line_and_bugs_keep_their_traceback(which, verbose, traceback):
+    flags = ["-v", "1"] if verbose else []
+    result = subprocess.run(
+        [sys.executable, "-c", PROGRAM, *flags, which], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert ("Traceback" in result.stderr) == traceback, result.stderr[-2000:]
+    if which == "ours" and not verbose:
+        assert result.stderr.strip().splitlines()[-1] == (
+            "-c: error: optim.base_lr must be positive, got -1.0"
+        )
+
+
+def test_the_user_error_rule():
+    def raised(function, *args):
+        try:
+            function(*args)
+        except Exception as error:  # noqa: BLE001 - the test inspects whatever was raised
+            return error
+        raise AssertionError("nothing raised")
+
+    # Ours, on purpose: a config check. Anywhere: a missing file.
+    assert cli.is_user_error(raised(validation.positive, "batch_size", 0))
+    assert cli.is_user_error(raised(open, "/no/such/file"))
+    # Libraries' ValueErrors through our code, eager and jitted: bugs.
+    labels = jnp.zeros((5,), jnp.int32)
+    eager = raised(losses.softmax_cross_entropy, jnp.ones((4, 3)), labels)
+    jitted = raised(jax.jit(lambda x: losses.l2_normalize(x, axis=5)), jnp.ones((2, 3)))
+    for error in (eager, jitted, raised(np.zeros(3).reshape, 2)):
+        assert isinstance(error, ValueError) and not cli.is_user_error(error), error
+    # Our own mistakes that are not a `raise`: bugs.
+    assert not cli.is_user_error(raised(dict().__getitem__, "key"))
+    assert cli.one_line(KeyError("'modle'\nDid you mean 'model'?")) == (
+        "'modle' Did you mean 'model'?"
+    )
+
+
+def test_help_is_recognised_in_every_absl_spelling():
+    for args in (["--help"], ["-?"], ["--helpshort"], ["--helpfull"], ["--helpxml=true"]):
+        assert cli.asks_for_help(["--config=x.py", *args]), args
+    for args in (["--help=false"], ["--", "--help"], ["--config=help.py"], ["--helper"]):
+        assert not cli.asks_for_help(args), args
+
+
+ORBAX_SAVE = """
+import logging, sys
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from simclr_jax import cli
+
+def main(argv):
+    logging.getLogger().setLevel(logging.INFO)
+    with ocp.CheckpointManager(sys.argv[-1]) as manager:
+        manager.save(1, args=ocp.args.StandardSave({"w": np.ones(3)}))
+    absl_logging.info("our line")
+    absl_logging.warning("our warning")
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_orbax_internals_leave_the_log_unless_verbose(verbose, tmp_path):
+    flags = ["-v", "1"] if verbose else []
+    result = subprocess.run(
+        [sys.executable, "-c", ORBAX_SAVE, *flags, str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "ckpt" / "1").is_dir()
+    assert "our line" in result.stderr and "our warning" in result.stderr
+    orbax_info = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith("I") and any(f in line for f in ("checkpoint_manager.py", "atomicity"))
+    ]
+    assert bool(orbax_info) == verbose, result.stderr[-3000:]
+
+
+def test_the_orbax_filter_keeps_warnings_and_other_libraries():
+    def record(path: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord("absl", level, path, 1, "message", (), None)
+
+    orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not cli._drop_orbax_info(record(orbax, logging.INFO))
+    assert cli._drop_orbax_info(record(orbax, logging.WARNING))
+    assert cli._drop_orbax_info(record("/work/simclr_jax/train/loop.py", logging.INFO))
+
+
+def test_readme_names_the_students_fields():
+    """The distillation config has no config.model: its student is config.student.model."""
+    from simclr_jax.configs import distill_fashion_mnist
+
+    config = distill_fashion_mnist.get_config()
+    assert "model" not in config and "depth" in config.student.model
+    readme = (pathlib.Path(cli.__file__).parents[1] / "README.md").read_text()
+    distillation = readme[readme.index("- **Distillation**") :].split("\n- **")[0]
+    assert "`config.student.model.*`" in distillation and "`config.model.*`" not in distillation

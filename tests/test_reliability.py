@@ -204,6 +204,7 @@ def test_missing_tfds_dataset_fails_fast_offline(tmp_path):
     config.dataset.source = "tfds"
     config.dataset.name = "cifar10"
     config.dataset.data_dir = str(tmp_path / "empty_tfds")
+    (tmp_path / "empty_tfds").mkdir()  # a tfds folder without the dataset (a missing one: test_cli)
     start = time.time()
     with pytest.raises((ValueError, FileNotFoundError), match="cifar10"):
         pretrain.train_and_evaluate(config, str(tmp_path / "run"))

@@ -332,7 +332,14 @@ def _restore_with_fallback(
     of another run's workdir passes none and leaves the files alone.
     """
     if step is not None:
-        return restore_step(manager, step)
+        try:
+            return restore_step(manager, step)
+        except (CheckpointMismatchError, CorruptCheckpointError):
+            raise
+        except Exception as error:  # noqa: BLE001 - a read error: say which step, keep the cause
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {manager.directory} is unreadable: {_one_line(error)}"
+            ) from error
     steps: Iterable[int] = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoints in {manager.directory}")

@@ -1,0 +1,119 @@
+"""The evaluation job's loop: each checkpoint once, while training writes them, resumable."""
+
+import json
+import pathlib
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from simclr_jax.train import eval_job
+from simclr_jax.train.checkpoint import CheckpointManager, restore_weights
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_checkpoint import make_state, make_variables  # noqa: E402
+
+
+def value_of(state_or_weights) -> float:
+    return float(np.asarray(state_or_weights["params"]["head"]["dense_0"]["kernel"]).sum())
+
+
+def evaluator(workdir, calls):
+    def evaluate_step(step):
+        calls.append(step)
+        weights = restore_weights(workdir, make_variables(), step=step)
+        return {"eval_value": value_of(weights)}
+
+    return evaluate_step
+
+
+def records(workdir):
+    path = workdir / "eval" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def expected_value(step):
+    state = make_state(seed=step)
+    return value_of({"params": state.params})
+
+
+def test_evaluates_each_step_once_while_training_writes_them(tmp_path):
+    def train():
+        with CheckpointManager(tmp_path, keep=10) as ckpt:
+            for step in range(1, 6):
+                time.sleep(0.2)
+                ckpt.save(step, make_state(seed=step))
+                ckpt.wait()
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    calls = []
+    results = eval_job.run(tmp_path, evaluator(tmp_path, calls), final_step=5, poll_s=0.05)
+    trainer.join()
+    assert calls == [1, 2, 3, 4, 5]
+    rows = records(tmp_path)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    for row in rows:
+        assert row["eval_value"] == pytest.approx(expected_value(row["step"]), rel=1e-6)
+    assert results == {"step": 5, "eval_value": rows[-1]["eval_value"]}
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved == results
+    assert not (tmp_path / "eval" / "lock.json").exists()
+    # Run again: everything is done, nothing is evaluated twice, the results come back.
+    again = []
+    assert eval_job.run(tmp_path, evaluator(tmp_path, again), final_step=5, poll_s=0.05) == results
+    assert again == [] and len(records(tmp_path)) == 5
+
+
+def test_an_interrupted_job_resumes_where_it_stopped(tmp_path):
+    with CheckpointManager(tmp_path, keep=10) as ckpt:
+        for step in (2, 4, 6):
+            ckpt.save(step, make_state(seed=step), force=True)
+    calls = []
+    inner = evaluator(tmp_path, calls)
+
+    def dies_at_step_4(step):
+        if step == 4:
+            raise KeyboardInterrupt  # killed while evaluating step 4: nothing written for it
+        return inner(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        eval_job.run(tmp_path, dies_at_step_4, final_step=6, poll_s=0.01)
+    eval_job.run(tmp_path, inner, final_step=6, poll_s=0.01)
+    assert calls == [2, 4, 6]
+    assert [row["step"] for row in records(tmp_path)] == [2, 4, 6]
+
+
+def test_missing_and_corrupt_steps_are_skipped_and_a_timeout_ends_the_wait(tmp_path):
+    with CheckpointManager(tmp_path, keep=10) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, make_state(seed=step), force=True)
+    data = tmp_path / "checkpoints" / "2" / "state"
+    files = [p for p in data.rglob("*") if p.is_file() and p.parent.name == "d"]
+    for path in files:  # every array file emptied: the step cannot be read
+        path.write_bytes(b"")
+    start = time.monotonic()
+    results = eval_job.run(
+        tmp_path, evaluator(tmp_path, []), final_step=10, poll_s=0.05, timeout_s=0.5
+    )
+    assert time.monotonic() - start < 30
+    assert [row["step"] for row in records(tmp_path)] == [1]
+    assert results["step"] == 1
+
+
+def test_the_eval_folder_has_its_own_lock(tmp_path):
+    from simclr_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
+
+    (tmp_path / "eval").mkdir()
+    with WorkdirLock(tmp_path):  # the training run's lock does not block the evaluator
+        with WorkdirLock(tmp_path / "eval"):
+            pass
+    assert jax.process_count() == 1
+    (tmp_path / "eval" / "lock.json").write_text(
+        json.dumps({"host": "elsewhere", "pid": 7, "heartbeat": time.time()})
+    )
+    with pytest.raises(WorkdirLockedError, match="elsewhere"):
+        eval_job.run(tmp_path, lambda step: {}, final_step=1, poll_s=0.01)

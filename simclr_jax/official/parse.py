@@ -100,7 +100,9 @@ def _select_copy(keys: list[str], ema: bool) -> tuple[dict[str, str], list[tuple
     if not ema_keys:
         raise ConversionError(f"--ema: the checkpoint has no {EMA_PREFIX} copy of the network")
     skipped = [
-        (key, f"plain copy ({EMA_PREFIX}{key} read instead)") for key in plain if key in ema_keys
+        (key, f"plain copy of the network (--ema read the {EMA_PREFIX} copy)")
+        for key in plain
+        if key in ema_keys
     ]
     return {**plain, **ema_keys}, skipped
 

@@ -73,8 +73,8 @@ class Reader:
     def __init__(self, checkpoint: str, kind: str = "auto"):
         if kind not in KINDS:
             raise ConversionError(f"--kind must be one of {KINDS}, got {kind!r}")
-        tf = tensorflow()
         self.prefix, found_kind = locate(checkpoint)
+        tf = tensorflow()
         try:
             self._reader = tf.train.load_checkpoint(self.prefix)
         except (tf.errors.OpError, ValueError) as error:

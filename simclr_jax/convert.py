@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import os
-import sys
 from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import flags
 
+from simclr_jax import cli
 from simclr_jax import config as base_config
 from simclr_jax.models.heads import num_head_layers
 from simclr_jax.official import ConversionError, Parsed, Plan, make_plan, parse
 from simclr_jax.official.plan import IMAGE_SIZE
-from simclr_jax.official.reader import Reader
+from simclr_jax.official.reader import KINDS, Reader
 from simclr_jax.train import checkpoint, metrics
 
 STAGES = ("auto", "pretrain", "finetune")
@@ -165,12 +165,11 @@ def summary(report: dict[str, Any], workdir: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from absl import app, flags
-
+def main() -> None:
+    """The command line (errors the user can fix in one line: simclr_jax.cli)."""
     flags.DEFINE_string("checkpoint", None, "model.ckpt-N prefix, its folder, or a SavedModel.")
     flags.DEFINE_string("workdir", None, "New folder for the converted run.")
-    flags.DEFINE_enum("kind", "auto", ["auto", "tf1", "tf2"], "Checkpoint format.")
+    flags.DEFINE_enum("kind", "auto", list(KINDS), "Checkpoint format.")
     flags.DEFINE_enum("stage", "auto", list(STAGES), "Write a pretraining or a fine-tuning run.")
     flags.DEFINE_integer("ft_proj_selector", None, "Classifier input (default: 1 if fine-tuned).")
     flags.DEFINE_bool("ema", False, "Read the ema_model/ copy of the network.")
@@ -178,22 +177,18 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(argv: list[str]) -> None:
         del argv
-        logging.getLogger().setLevel(logging.WARNING)
         values = flags.FLAGS
-        try:
-            report = convert(
-                values.checkpoint,
-                values.workdir,
-                kind=values.kind,
-                stage=values.stage,
-                ft_proj_selector=values.ft_proj_selector,
-                ema=values.ema,
-            )
-        except (ConversionError, ImportError, OSError) as error:
-            sys.exit(f"convert: {error}")
+        report = convert(
+            values.checkpoint,
+            values.workdir,
+            kind=values.kind,
+            stage=values.stage,
+            ft_proj_selector=values.ft_proj_selector,
+            ema=values.ema,
+        )
         print(summary(report, values.workdir))
 
-    app.run(run, argv)
+    cli.run(run)
 
 
 if __name__ == "__main__":

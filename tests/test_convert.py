@@ -425,8 +425,8 @@ def test_a_path_that_is_no_checkpoint_fails_in_one_line(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"convert: {text} is not a TensorFlow checkpoint: neither a model.ckpt-N prefix (with its "
-        ".index file) nor a folder holding one or a SavedModel"
+        f"simclr_jax.convert: error: {text} is not a TensorFlow checkpoint: neither a "
+        "model.ckpt-N prefix (with its .index file) nor a folder holding one or a SavedModel"
     ]
     with pytest.raises(ConversionError, match="holds no TensorFlow checkpoint"):
         convert.convert(str(tmp_path), str(tmp_path / "out"))

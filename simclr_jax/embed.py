@@ -1,0 +1,294 @@
+"""Embed every image of a folder with any workdir (ours, or a converted official model).
+
+    python -m simclr_jax.embed --workdir=DIR --images=FOLDER --out=FILE.npz \\
+        [--image_size=224] [--batch_size=64] [--projection]
+
+or, in a notebook, `embed(workdir, images, out=None, image_size=None, ...)` with the same
+arguments. Every image file under FOLDER (recursively; any size; grayscale, palette and RGBA
+converted to the network's channels, alpha dropped) is preprocessed as the reference evaluates:
+for networks above 32 px, the central square keeping 0.875 of the shorter side, resized to
+`image_size` with bicubic interpolation without antialiasing (tf.image.resize's semantics, the
+official TF2 code); at 32 px and below the whole image is resized (no crop), as the reference.
+Files that cannot be decoded are skipped and counted. The `.npz` holds `paths` (relative to
+FOLDER), `features` (pooled backbone output, float32 [N, D]), `projection` with --projection
+(the projection head's output [N, P]), `skipped` and `skipped_reasons`, `root`, `image_size`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from etils import epath
+
+from simclr_jax import cli, encoder
+from simclr_jax.data.augment import CROP_PROPORTION
+from simclr_jax.data.folders import IMAGE_EXTENSIONS
+from simclr_jax.models.resnet import total_stride
+
+NO_CROP_MAX_SIZE = 32  # the reference evaluates images of at most 32 px without a centre crop
+MIN_CANVAS = 64  # smallest padded canvas (sides are rounded up to a power of two)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    """What embed() computed, in the order of `paths`."""
+
+    root: str
+    paths: list[str]  # relative to root
+    features: np.ndarray  # float32 [N, D]: the backbone's pooled output
+    projection: np.ndarray | None  # float32 [N, P]: the projection head's output, if asked
+    skipped: list[tuple[str, str]]  # (path relative to root, why it could not be read)
+    image_size: int
+
+    def save(self, out: str) -> str:
+        """Write the .npz (adds the suffix when missing); returns the path written."""
+        out = out if out.endswith(".npz") else out + ".npz"
+        arrays = dict(
+            paths=np.asarray(self.paths, dtype=str),
+            features=self.features,
+            skipped=np.asarray([path for path, _ in self.skipped], dtype=str),
+            skipped_reasons=np.asarray([why for _, why in self.skipped], dtype=str),
+            root=np.asarray(self.root),
+            image_size=np.asarray(self.image_size),
+        )
+        if self.projection is not None:
+            arrays["projection"] = self.projection
+        with epath.Path(out).open("wb") as file:
+            np.savez(file, **arrays)
+        return out
+
+
+def list_images(root: str) -> list[epath.Path]:
+    """Image files under `root` at any depth, sorted by path; hidden files and folders left out."""
+    folder = epath.Path(root)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images={root!r} is not a folder")
+    found = []
+    for directory, subfolders, files in folder.walk():
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [
+            directory / name
+            for name in files
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    hidden = lambda path: any(part.startswith(".") for part in path.relative_to(folder).parts)  # noqa: E731
+    return sorted(
+        (path for path in found if not hidden(path)), key=lambda p: str(p.relative_to(folder))
+    )
+
+
+def decode(path: epath.Path, channels: int) -> np.ndarray:
+    """uint8 [H, W, channels]; PIL's conversion (grayscale repeated, alpha dropped, luma for 1)."""
+    from PIL import Image
+
+    with path.open("rb") as file, Image.open(file) as image:
+        image = image.convert("RGB" if channels == 3 else "L")
+        return np.asarray(image, np.uint8).reshape(image.height, image.width, channels)
+
+
+def crop_window(image: np.ndarray, image_size: int) -> np.ndarray:
+    """The reference's eval crop: the central square of round(0.875 * shorter side) pixels,
+    offsets (side difference + 1) // 2 (data_util.center_crop); none at 32 px and below."""
+    if image_size <= NO_CROP_MAX_SIZE:
+        return image
+    height, width = image.shape[:2]
+    side = max(1, int(round(CROP_PROPORTION * min(height, width))))  # half to even, as tf.rint
+    top, left = (height - side + 1) // 2, (width - side + 1) // 2
+    return image[top : top + side, left : left + side]
+
+
+def canvas_side(n: int) -> int:
+    """The padded side for a window side `n`: 4 sizes per octave (64, 80, 96, 112, 128, 160, ...),
+    so few compilations serve any folder and padding adds at most 25% per side."""
+    if n <= MIN_CANVAS:
+        return MIN_CANVAS
+    step = 1 << max((n - 1).bit_length() - 3, 0)
+    return -(-n // step) * step
+
+
+@functools.partial(jax.jit, static_argnames="out_size")
+def resize_window(canvas: jax.Array, height: jax.Array, width: jax.Array, *, out_size: int):
+    """canvas[:height, :width] (uint8, zero padded) -> float32 [out, out, C] in [0, 1].
+
+    Bicubic (Keys, a = -0.5), half-pixel centres, no antialiasing, taps outside the image dropped
+    and the rest renormalised: tf.image.resize(method='bicubic'). The window's size is traced, so
+    one compilation serves every image that fits the canvas: resizing the image and its mask
+    over the whole canvas and dividing renormalises over the image's own pixels exactly.
+    """
+    image = canvas.astype(jnp.float32) / 255.0
+    rows = jnp.arange(canvas.shape[0]) < height
+    cols = jnp.arange(canvas.shape[1]) < width
+    mask = (rows[:, None] & cols[None, :]).astype(jnp.float32)[..., None]
+    scale = jnp.stack([out_size / height, out_size / width]).astype(jnp.float32)
+    resize = functools.partial(
+        jax.image.scale_and_translate,
+        spatial_dims=(0, 1),
+        scale=scale,
+        translation=jnp.zeros(2, jnp.float32),
+        method="cubic",
+        antialias=False,
+    )
+    values = resize(image * mask, (out_size, out_size, canvas.shape[-1]))
+    weights = resize(mask, (out_size, out_size, 1))
+    return jnp.clip(values / weights, 0.0, 1.0)
+
+
+def preprocess(image: np.ndarray, image_size: int) -> jax.Array:
+    """One decoded image -> the network's float32 [S, S, C] input (reference eval semantics)."""
+    window = crop_window(image, image_size)
+    height, width, channels = window.shape
+    canvas = np.zeros((canvas_side(height), canvas_side(width), channels), np.uint8)
+    canvas[:height, :width] = window
+    return resize_window(canvas, height, width, out_size=image_size)
+
+
+class Progress:
+    """One line on stderr: images done, skipped, images/s (rewritten in place on a terminal)."""
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 10.0):
+        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+        self.tty = enabled and sys.stderr.isatty()
+        self.every_s, self.last = (0.0 if self.tty else every_s), 0.0
+
+    def update(self, done: int, skipped: int, *, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not final and now - self.last < self.every_s):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        line = f"embed: {done}/{self.total} images, {skipped} skipped, {rate:.1f} images/s"
+        sys.stderr.write(
+            ("\r" if self.tty else "") + line + ("\n" if final or not self.tty else "")
+        )
+        sys.stderr.flush()
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def embed(
+    workdir: str,
+    images: str,
+    out: str | None = None,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    projection: bool = False,
+    progress: bool = True,
+) -> Embeddings:
+    """Embed every image under `images` with `workdir`'s network (inference mode); write `out`.
+
+    `image_size` defaults to the size the run trained at (224 for the converted official models).
+    For a distillation workdir the network is the student.
+    """
+    run = encoder.read_run(workdir)
+    image_size = run.image_size if image_size is None else image_size
+    model = encoder.build_from_run(run)
+    if not isinstance(image_size, int) or image_size < total_stride(model.cifar_stem):
+        raise ValueError(
+            f"image_size must be an integer >= {total_stride(model.cifar_stem)} for this network, "
+            f"got {image_size!r}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    variables = encoder.restore_variables(run, model)
+    files = list_images(images)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
+
+    @jax.jit
+    def forward(variables, batch):
+        outputs = model.apply(variables, batch, train=False)
+        return outputs["features"], outputs["projection"]
+
+    root = epath.Path(images)
+    paths, features, projections, skipped = [], [], [], []
+    meter = Progress(len(files), progress)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for chunk in _batches(files, batch_size):
+            decoded = pool.map(functools.partial(_try_decode, channels=run.channels), chunk)
+            inputs = []
+            for path, (image, error) in zip(chunk, decoded, strict=True):
+                relative = str(path.relative_to(root))
+                if image is None:
+                    skipped.append((relative, error))
+                    continue
+                paths.append(relative)
+                inputs.append(preprocess(image, image_size))
+            if inputs:
+                batch = jnp.stack(inputs + [jnp.zeros_like(inputs[0])] * (batch_size - len(inputs)))
+                feats, projs = forward(variables, batch)
+                features.append(np.asarray(feats[: len(inputs)]))
+                projections.append(np.asarray(projs[: len(inputs)]))
+            meter.update(len(paths) + len(skipped), len(skipped))
+    meter.update(len(paths) + len(skipped), len(skipped), final=True)
+    if not paths:
+        raise ValueError(f"none of the {len(files)} image files under {images} could be read")
+    result = Embeddings(
+        root=str(root),
+        paths=paths,
+        features=np.concatenate(features),
+        projection=np.concatenate(projections) if projection else None,
+        skipped=skipped,
+        image_size=image_size,
+    )
+    if out:
+        result.save(out)
+    return result
+
+
+def _try_decode(path: epath.Path, channels: int) -> tuple[np.ndarray | None, str]:
+    try:
+        return decode(path, channels), ""
+    except Exception as error:  # noqa: BLE001 - PIL raises many types; all mean "unreadable"
+        return None, f"{type(error).__name__}: {error}"
+
+
+def main() -> None:
+    """The command line (errors the user can fix in one line: simclr_jax.cli)."""
+    flags.DEFINE_string("workdir", None, "Any simclr_jax workdir (or a converted official model).")
+    flags.DEFINE_string("images", None, "Folder of images (searched recursively).")
+    flags.DEFINE_string("out", None, "Output .npz file.")
+    flags.DEFINE_integer("image_size", None, "Input size (default: the run's, 224 if converted).")
+    flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+    flags.DEFINE_bool("projection", False, "Also store the projection head's output.")
+    flags.mark_flags_as_required(["workdir", "images", "out"])
+
+    def run(argv: list[str]) -> None:
+        del argv
+        values = flags.FLAGS
+        result = embed(
+            values.workdir,
+            values.images,
+            values.out,
+            image_size=values.image_size,
+            batch_size=values.batch_size,
+            projection=values.projection,
+        )
+        out = values.out if values.out.endswith(".npz") else values.out + ".npz"
+        print(
+            f"{len(result.paths)} images -> {out} (features {result.features.shape[1]}"
+            + (
+                f", projection {result.projection.shape[1]}"
+                if result.projection is not None
+                else ""
+            )
+            + f"); {len(result.skipped)} unreadable file(s) skipped"
+        )
+
+    cli.run(run)
+
+
+if __name__ == "__main__":
+    main()

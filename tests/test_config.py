@@ -231,6 +231,23 @@ def test_bad_arguments_fail_in_one_line_naming_them(name, arg, needles):
         assert needle in message
 
 
+def test_values_are_typed_by_their_default():
+    from simclr_jax.configs.arguments import Arguments
+
+    arguments = Arguments("x", {"n": 1, "rate": 0.5, "flag": False, "name": "a"})
+    parsed = arguments.parse(" n=3, rate=1,flag=yes,name=b ")
+    assert (parsed.n, parsed.rate, parsed.flag, parsed.name) == (3, 1.0, True, "b")
+    assert type(parsed.rate) is float and arguments.parse("flag=False").flag is False
+    assert arguments.parse(None).to_dict() == arguments.parse("").to_dict() == arguments.defaults
+    for bad, needle in [
+        ("n=2.5", "type int"),
+        ("flag=maybe", "type bool"),
+        ("rate=x", "type float"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            arguments.parse(bad)
+
+
 def test_a_bad_preset_table_fails_at_import():
     from simclr_jax.configs.arguments import Arguments
 

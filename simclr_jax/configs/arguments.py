@@ -96,7 +96,7 @@ class Arguments:
                 value = kind(text)
         except ValueError:
             raise ValueError(
-                f"{self.config}: {key}={text!r} in {arg!r} is not a {kind.__name__} "
+                f"{self.config}: {key}={text!r} in {arg!r} is not of type {kind.__name__} "
                 f"({key}={self._allowed(key)})"
             ) from None
         if key in self.choices and value not in self.choices[key]:

@@ -15,6 +15,7 @@ import pytest
 
 from simclr_jax import cli, losses, validation
 from simclr_jax.configs import pretrain_fashion_mnist
+from simclr_jax.data import sources
 
 TINY = f"{pretrain_fashion_mnist.__file__}:tiny"
 
@@ -135,7 +136,8 @@ def test_the_user_error_rule():
     jitted = raised(jax.jit(lambda x: losses.l2_normalize(x, axis=5)), jnp.ones((2, 3)))
     for error in (eager, jitted, raised(np.zeros(3).reshape, 2)):
         assert isinstance(error, ValueError) and not cli.is_user_error(error), error
-    # Our own mistakes that are not a `raise`: bugs.
+    # A mistake in our own code (not a `raise`), and a KeyError: bugs.
+    assert not cli.is_user_error(raised(sources.check_data_dir, None))
     assert not cli.is_user_error(raised(dict().__getitem__, "key"))
     assert cli.one_line(KeyError("'modle'\nDid you mean 'model'?")) == (
         "'modle' Did you mean 'model'?"

@@ -18,7 +18,8 @@ TypeError, a failed assert). `--verbosity=1` (or `-v 1`) shows the traceback of 
 
 Logs: orbax writes about 40 INFO lines per checkpoint about its own machinery, and JAX one about
 the TPU backend it did not find; unless --verbosity >= 1 these are dropped. Their warnings and
-errors, and every other line, stay.
+errors, and every other line, stay. Orbax logs through absl's one logger, so there is no orbax
+logger to give a level: a filter on that logger drops its records by their source file.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 from typing import Any
 
@@ -141,7 +142,7 @@ def convert(
         "model": plan.model,
         "num_classes": plan.num_classes,
         "variables_read": len(plan.sources),
-        "parameters": int(sum(np.prod(plan.shapes[p]) for p in plan.shapes if p[:7] == "params/")),
+        "parameters": sum(math.prod(s) for p, s in plan.shapes.items() if p.startswith("params/")),
         "ignored": dict(collections.Counter(why for _, why in parsed.ignored)),
         "ignored_keys": [key for key, _ in parsed.ignored],
         "added": plan.added,

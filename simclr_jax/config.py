@@ -56,7 +56,8 @@ def model_config() -> ConfigDict:
     c = ConfigDict(architecture_defaults())
     # CIFAR stem (3x3 stride-1 conv, no max-pool); None = automatic (image_size <= 32).
     c.cifar_stem = config_dict.placeholder(bool)
-    c.ft_proj_selector = 0  # classifier input: 0 = backbone output, k = k-th projection layer.
+    # Classifier input: 0 = backbone output, k = k-th projection layer, -1 = the last one.
+    c.ft_proj_selector = 0
     c.zero_init_logits_layer = False  # start the classifier at zero.
     c.fine_tune_after_block = -1  # freeze stages up to k: -1 none, 0 stem, 1..4 block groups.
     c.global_bn = True  # BatchNorm statistics over all replicas (the reference default).
@@ -150,7 +151,8 @@ def finetune_model_config() -> ConfigDict:
         {name: config_dict.placeholder(defaults.get_type(name)) for name in ARCHITECTURE_FIELDS}
     )
     # What this run trains (never inherited):
-    # classifier input: 0 = backbone output, k = output of the k-th head layer (SimCLRv2: 1).
+    # classifier input: 0 = backbone output, k = output of the k-th head layer (SimCLRv2: 1),
+    # -1 = the last head layer.
     c.ft_proj_selector = 0
     c.zero_init_logits_layer = False  # start the new classifier at zero (reference linear eval).
     # Freeze stem..block_group<k> (no updates, BN in inference mode): -1 none, 4 = the whole

@@ -257,6 +257,20 @@ def test_classifier_input_width_follows_ft_proj_selector(mode, selector, width):
     assert outputs["projection"].shape == (2, 512 if mode == "none" else 16)
 
 
+def test_ft_proj_selector_minus_one_is_the_last_head_layer():
+    """As the reference (hiddens_list[-1]): -1 reads the last head layer, K when the head has K."""
+    fields = dict(depth=18, cifar_stem=True, num_proj_layers=2, proj_out_dim=16, num_classes=5)
+    last = build_model(dict(fields, ft_proj_selector=-1), num_classes=5, image_size=8)
+    explicit = build_model(dict(fields, ft_proj_selector=2), num_classes=5, image_size=8)
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
+    variables = explicit.init(jax.random.key(0), x, train=False)
+    assert variables["params"]["classifier"]["kernel"].shape == (16, 5)
+    np.testing.assert_array_equal(
+        last.apply(variables, x, train=False)["logits"],
+        explicit.apply(variables, x, train=False)["logits"],
+    )
+
+
 def test_ft_proj_selector_beyond_head_raises():
     model = SimCLRModel(depth=18, proj_head_mode="linear", ft_proj_selector=2)
     with pytest.raises(ValueError, match="ft_proj_selector"):
@@ -536,7 +550,7 @@ def test_build_model_from_config_with_auto_stem_and_overrides():
         ("proj_head_mode", "mlp"),
         ("num_proj_layers", 0),
         ("ft_proj_selector", 4),
-        ("ft_proj_selector", -1),
+        ("ft_proj_selector", -2),
         ("fine_tune_after_block", 5),
         ("fine_tune_after_block", -2),
         ("bn_momentum", 1.0),

@@ -134,7 +134,7 @@ BAD_VALUES = [
     ("loss.temperature", 0.0, "loss.temperature must be positive"),
     ("model.depth", 19, "model.depth must be one of"),
     ("model.sk_ratio", -0.5, "model.sk_ratio must be"),
-    ("model.ft_proj_selector", 5, "model.ft_proj_selector must be an integer in 0..2"),
+    ("model.ft_proj_selector", 5, "model.ft_proj_selector must be an integer in -1..2"),
     ("model.proj_head_mode", "deep", "model.proj_head_mode must be one of"),
     ("dataset.image_size", 4, "image_size must be an integer >= 8"),
     ("dataset.source", "ftp", "dataset.source must be one of"),

@@ -60,10 +60,10 @@ def validate_model_fields(fields: Mapping[str, Any], *, image_size: int) -> None
         _require(_is_int(f[name]) and f[name] >= 1, name, "an integer >= 1", f[name])
     num_layers = num_head_layers(f["proj_head_mode"], f["num_proj_layers"])
     _require(
-        _is_int(f["ft_proj_selector"]) and 0 <= f["ft_proj_selector"] <= num_layers,
+        _is_int(f["ft_proj_selector"]) and -1 <= f["ft_proj_selector"] <= num_layers,
         "ft_proj_selector",
-        f"an integer in 0..{num_layers} (proj_head_mode={f['proj_head_mode']!r}, "
-        f"num_proj_layers={f['num_proj_layers']})",
+        f"an integer in -1..{num_layers} (-1 = the last head layer; proj_head_mode="
+        f"{f['proj_head_mode']!r}, num_proj_layers={f['num_proj_layers']})",
         f["ft_proj_selector"],
     )
     _require(

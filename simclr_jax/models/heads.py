@@ -30,6 +30,19 @@ def num_head_layers(proj_head_mode: str, num_proj_layers: int) -> int:
     return {"none": 0, "linear": 1, "nonlinear": num_proj_layers}[proj_head_mode]
 
 
+def selected_layer(ft_proj_selector: int, num_layers: int) -> int:
+    """The head output the classifier reads, 0..num_layers: k as given, -1 the last layer (as the
+    reference's hiddens_list[ft_proj_selector]). Raises naming the allowed range."""
+    if isinstance(ft_proj_selector, bool) or not isinstance(ft_proj_selector, int):
+        raise ValueError(f"ft_proj_selector must be an integer, got {ft_proj_selector!r}")
+    if not -1 <= ft_proj_selector <= num_layers:
+        raise ValueError(
+            f"ft_proj_selector must be an integer in -1..{num_layers} (-1 = the last head layer), "
+            f"got {ft_proj_selector}"
+        )
+    return num_layers if ft_proj_selector == -1 else ft_proj_selector
+
+
 class ProjectionHead(nn.Module):
     """SimCLR projection head. Returns ``[input, layer 1 out, ..., layer K out]`` in float32."""
 

@@ -9,7 +9,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from simclr_jax.models.heads import ProjectionHead, linear_classifier, num_head_layers
+from simclr_jax.models.heads import (
+    ProjectionHead,
+    linear_classifier,
+    num_head_layers,
+    selected_layer,
+)
 from simclr_jax.models.resnet import STAGE_NAMES, ResNet
 
 FINE_TUNE_AFTER_BLOCK_RANGE = range(-1, len(STAGE_NAMES))  # -1 (nothing frozen) .. 4
@@ -43,7 +48,8 @@ class SimCLRModel(nn.Module):
     bn_epsilon: float = architecture(1e-5)  # BatchNorm epsilon.
     # What a run makes of it: the classifier, its input, what trains.
     num_classes: int = 10
-    ft_proj_selector: int = 0  # classifier input: 0 = backbone output, k = k-th head layer.
+    # Classifier input: 0 = backbone output, k = k-th head layer, -1 = the last head layer.
+    ft_proj_selector: int = 0
     classifier_stop_gradient: bool = False
     zero_init_logits_layer: bool = False  # start the classifier at zero.
     fine_tune_after_block: int = -1  # freeze stages up to k: -1 none, 0 stem, 1..4 block groups.
@@ -53,12 +59,13 @@ class SimCLRModel(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
         num_layers = num_head_layers(self.proj_head_mode, self.num_proj_layers)
-        if not 0 <= self.ft_proj_selector <= num_layers:
+        try:
+            selected = selected_layer(self.ft_proj_selector, num_layers)
+        except ValueError as error:
             raise ValueError(
-                f"ft_proj_selector must be in 0..{num_layers} for proj_head_mode="
-                f"{self.proj_head_mode!r} with num_proj_layers={self.num_proj_layers}, "
-                f"got {self.ft_proj_selector}"
-            )
+                f"{error} (proj_head_mode={self.proj_head_mode!r}, "
+                f"num_proj_layers={self.num_proj_layers})"
+            ) from None
         norm_kwargs = dict(
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
@@ -87,7 +94,7 @@ class SimCLRModel(nn.Module):
             outputs[f"head_{k}"] = hidden
         outputs["projection"] = hiddens[-1]
 
-        classifier_input = hiddens[self.ft_proj_selector]
+        classifier_input = hiddens[selected]
         if self.classifier_stop_gradient:
             classifier_input = jax.lax.stop_gradient(classifier_input)
         classifier = linear_classifier(self.num_classes, zero_init=self.zero_init_logits_layer)

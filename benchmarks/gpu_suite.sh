@@ -238,6 +238,24 @@ run_part() {  # run_part NAME LOG COMMAND...: its status is ok, timeout after Ns
     *) STATUS[$name]="failed (exit $rc)" ;;
   esac
   echo "=== $name: ${STATUS[$name]} in ${SECONDS_TAKEN[$name]} s"
+  record_row "$name"
+}
+
+record_row() {  # record_row NAME: its numbers, and its row in rows.md at once (a run cut short
+  # from outside still leaves the rows of the parts that finished)
+  local name="$1" command
+  case "$name" in
+    ours_*) NUMBERS[$name]=$(throughput_numbers "$LOG_DIR/$name.log") ;;
+    peer_*) NUMBERS[$name]=$(peer_numbers "$LOG_DIR/$name.log" "$LOG_DIR/ours_${name#peer_}.log") ;;
+    pretrain) NUMBERS[$name]=$(pretrain_numbers "$WORKDIR") ;;
+    plot) NUMBERS[$name]="$LOG_DIR/pretrain_curves.png"; return 0 ;;
+  esac
+  command="${COMMAND[$name]//$REPO\//}"
+  command="${command//$PYTHON /python }"
+  # shellcheck disable=SC2001  # (a pattern up to the next space: simpler with sed)
+  command="$(sed 's/ --workdir=[^ ]*//' <<<"$command")"
+  printf '| %s | %s | %s | %s | %s | %s (%s s) |\n' "$NOW" "$DEVICE$VERSIONS" "$COMMIT" \
+    "\`$command\`" "${NUMBERS[$name]:--}" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]}" >>"$ROWS"
 }
 
 skip_part() {  # skip_part NAME REASON: its time goes to the next parts
@@ -339,6 +357,10 @@ else
   fi
   mkdir -p "$LOG_DIR"
   [[ ! -e "$RESULTS" || -w "$RESULTS" ]] || die "cannot write $RESULTS (use --no-append)"
+  NOW="$(date -u '+%Y-%m-%d %H:%M UTC')"
+  COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  ROWS="$LOG_DIR/rows.md"
+  : >"$ROWS"
 fi
 
 # The environment, checked once (each check has a short limit and never stops the suite).
@@ -433,27 +455,7 @@ if ((DRY_RUN)); then
   exit 0
 fi
 
-# 3. Rows: every part that ran, with its numbers; then the summary.
-NOW="$(date -u '+%Y-%m-%d %H:%M UTC')"
-COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-ROWS="$LOG_DIR/rows.md"
-: >"$ROWS"
-for name in "${ORDER[@]}"; do
-  [[ "${STATUS[$name]}" != skipped* ]] || continue
-  case "$name" in
-    ours_*) NUMBERS[$name]=$(throughput_numbers "$LOG_DIR/$name.log") ;;
-    peer_*) NUMBERS[$name]=$(peer_numbers "$LOG_DIR/$name.log" "$LOG_DIR/ours_${name#peer_}.log") ;;
-    pretrain) NUMBERS[$name]=$(pretrain_numbers "$WORKDIR") ;;
-    plot) NUMBERS[$name]="$LOG_DIR/pretrain_curves.png" ;;
-  esac
-  [[ "$name" != plot ]] || continue
-  command="${COMMAND[$name]//$REPO\//}"
-  command="${command//$PYTHON /python }"
-  # shellcheck disable=SC2001  # (a pattern up to the next space: simpler with sed)
-  command="$(sed 's/ --workdir=[^ ]*//' <<<"$command")"
-  printf '| %s | %s | %s | %s | %s | %s (%s s) |\n' "$NOW" "$DEVICE$VERSIONS" "$COMMIT" \
-    "\`$command\`" "${NUMBERS[$name]:--}" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]}" >>"$ROWS"
-done
+# 3. The rows (already in rows.md, part by part) into the results file; then the summary.
 if ((APPEND)); then
   insert_rows "$ROWS"
 fi

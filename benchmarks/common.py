@@ -29,9 +29,8 @@ from simclr_jax import config as base_config
 from simclr_jax import parallel, pretrain
 from simclr_jax.data import augment
 from simclr_jax.data.arrays import ImageArrays
-from simclr_jax.models import build_model
 from simclr_jax.optim import warmup_cosine_schedule
-from simclr_jax.train import loop
+from simclr_jax.train import runner
 from simclr_jax.train.state import TrainState
 
 NUM_CLASSES = 10
@@ -98,17 +97,11 @@ def bench_config(
 
 
 def build(config: ml_collections.ConfigDict, mesh, *, channels: int = 3):
-    """(model, replicated initial state, DataParallel) exactly as pretrain.train_and_evaluate."""
+    """(model, replicated initial state, DataParallel) from the trainer's own setup
+    (pretrain.make_model, pretrain.init_state)."""
     dp = parallel.DataParallel(mesh)
     parallel.check_divisible("batch_size", config.batch_size, mesh)
-    model = build_model(
-        config.model,
-        num_classes=NUM_CLASSES,
-        image_size=config.dataset.image_size,
-        axis_name=parallel.DATA_AXIS,
-        dtype=pretrain.DTYPES[config.dtype],
-        classifier_stop_gradient=True,
-    )
+    model = pretrain.make_model(config, NUM_CLASSES)
     schedule = warmup_cosine_schedule(0.1, total_steps=config.num_steps, warmup_steps=100)
     state = pretrain.init_state(model, config, channels, schedule)
     return model, dp.replicate(state), dp
@@ -129,12 +122,9 @@ def make_views_train_step(model, config: ml_collections.ConfigDict):
 
 
 def map_step(dp: parallel.DataParallel, step_fn: Callable, config) -> Callable:
-    """Map a per-replica step as pretrain.train_and_evaluate does: guarded against non-finite
-    updates, state replicated and donated, batch sharded."""
-    guarded = loop.guard_nonfinite(step_fn, skip=config.nonfinite == "skip")
-    return dp.map(
-        guarded, sharded_args=(False, True), sharded_outputs=(False, False), donate_argnums=(0,)
-    )
+    """Map a per-replica step as every run does (runner.map_step: guarded against non-finite
+    updates, state replicated and donated, batch sharded)."""
+    return runner.map_step(dp, step_fn, skip_nonfinite=config.nonfinite == "skip")
 
 
 def synthetic_arrays(num: int, size: int, channels: int, seed: int = 0) -> ImageArrays:

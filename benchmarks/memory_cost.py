@@ -16,7 +16,7 @@ import numpy as np
 
 from simclr_jax import parallel, pretrain
 from simclr_jax.configs import pretrain_fashion_mnist
-from simclr_jax.models import build_model
+from simclr_jax.train import runner
 
 BATCH, DIM, WARMUP, ROUNDS, STEPS = 64, 128, 3, 5, 6
 VARIANTS = {"off": 0, "queue_4096": 4096, "queue_65536": 65536}
@@ -41,15 +41,9 @@ def main():
         config = pretrain_fashion_mnist.get_config("tiny")
         config.batch_size, config.model.proj_out_dim = BATCH, DIM
         config.memory.enabled, config.memory.size = size > 0, max(size, BATCH)
-        model = build_model(
-            config.model, num_classes=10, image_size=28, axis_name="data",
-            classifier_stop_gradient=True,
-        )  # fmt: skip
+        model = pretrain.make_model(config, 10)
         state = dp.replicate(pretrain.init_state(model, config, 1, 0.1))
-        step = dp.map(
-            pretrain.make_train_step(model, config),
-            sharded_args=(False, True), sharded_outputs=(False, False), donate_argnums=(0,),
-        )  # fmt: skip
+        step = runner.map_step(dp, pretrain.make_train_step(model, config), skip_nonfinite=False)
         compiled = step.lower(state, batch).compile()
         analysis = compiled.memory_analysis()
         for _ in range(WARMUP):

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from simclr_jax import parallel, pretrain  # noqa: E402
+from simclr_jax import parallel, pretrain, validation  # noqa: E402
 from simclr_jax.data import pipeline  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("warmup", int), ("steps", int),
     ]:  # fmt: skip
         parser.add_argument(f"--{name}", type=kind, default=None, help="overrides the preset")
-    parser.add_argument("--dtype", choices=sorted(pretrain.DTYPES), default=None)
+    parser.add_argument("--dtype", choices=validation.DTYPES, default=None)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument(
         "--data", default="device", help=f"comma-separated from {common.DATA_VARIANTS}, or 'all'"

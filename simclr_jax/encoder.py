@@ -8,6 +8,7 @@ gives users a feature extractor from a pretraining, fine-tuning or distillation 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -16,11 +17,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 
 from simclr_jax import config as base_config
 from simclr_jax.data import augment
-from simclr_jax.models import ARCHITECTURE_FIELDS, SimCLRModel, build_model
+from simclr_jax.models import (
+    ARCHITECTURE_FIELDS,
+    SimCLRModel,
+    build_model,
+    init_variables,
+    linear_classifier,
+)
 from simclr_jax.train import checkpoint, metrics
 
 _CLASSIFIER_KERNEL = "params/classifier/kernel"
@@ -130,6 +138,52 @@ def resolve_model_fields(
                 value = defaults.get(name)
         resolved[name] = value
     return resolved
+
+
+def resolve_model(
+    config: ml_collections.ConfigDict, model_path: str, run: SavedRun | None
+) -> ml_collections.ConfigDict:
+    """A copy of `config` whose model block at `model_path` has every architecture field filled.
+
+    The copy is what the run saves (config.json and with each checkpoint), so its workdir alone
+    rebuilds the network (load_encoder, a distillation teacher).
+    """
+    resolved = copy.deepcopy(config)
+    block = resolved
+    for name in model_path.split("."):
+        block = block[name]
+    inherited = run.model_config if run is not None else None
+    for name, value in resolve_model_fields(block.to_dict(), inherited).items():
+        block[name] = value
+    if run is not None and block.cifar_stem is None:  # auto: the checkpoint's image size decided
+        block.cifar_stem = run.image_size <= 32
+    return resolved
+
+
+def initial_variables(
+    model: SimCLRModel, seed: int, image_size: int, channels: int, run: SavedRun | None
+) -> dict[str, Any]:
+    """Random variables from `seed`, or a checkpoint's variables with a fresh classifier.
+
+    From a checkpoint only the model variables are read (not the step or the optimizer), checked
+    first against the model's shapes, so one of another architecture fails at once
+    (checkpoint.CheckpointMismatchError naming the mismatched paths). Only the classifier is then
+    initialised: initialising the whole network is one of the largest XLA programs of a run.
+    """
+    if run is None:
+        variables = init_variables(model, seed=seed, image_size=image_size, channels=channels)
+        return {k: dict(v) for k, v in variables.items()}
+    abstract = abstract_variables(model, image_size, channels)
+    target = {
+        collection: {k: v for k, v in tree.items() if k != "classifier"}
+        for collection, tree in abstract.items()
+    }
+    variables = checkpoint.restore_weights(run.workdir, target)
+    width = abstract["params"]["classifier"]["kernel"].shape[0]
+    classifier = linear_classifier(model.num_classes, zero_init=model.zero_init_logits_layer)
+    fresh = jax.jit(classifier.init)(jax.random.key(seed), jnp.zeros((1, width), jnp.float32))
+    variables["params"] = {**variables["params"], "classifier": fresh["params"]}
+    return variables
 
 
 def abstract_variables(model: SimCLRModel, image_size: int, channels: int) -> dict[str, Any]:

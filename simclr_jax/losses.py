@@ -182,3 +182,29 @@ def distillation_loss(
     )
     student_scaled = student_logits.astype(jnp.float32) / temperature
     return jnp.mean(optax.softmax_cross_entropy(student_scaled, teacher_probs))
+
+
+def distillation_objective(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float,
+    alpha: float = 0.0,
+    labeled_logits: jax.Array | None = None,
+    labels: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of distillation: (1 - alpha) * distillation_loss + alpha * cross-entropy.
+
+    The labelled cross-entropy is on `labeled_logits` (a separate labelled batch) when given.
+    Metrics: 'distill_loss', 'teacher_agreement' (argmax match), 'labeled_loss', 'loss'.
+    """
+    distill = distillation_loss(student_logits, teacher_logits, temperature=temperature)
+    agreement = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
+    aux = {"distill_loss": distill, "teacher_agreement": jnp.mean(agreement)}
+    loss = distill
+    if labeled_logits is not None:
+        labeled = softmax_cross_entropy(labeled_logits, labels)
+        loss = (1.0 - alpha) * distill + alpha * labeled
+        aux["labeled_loss"] = labeled
+    aux["loss"] = loss
+    return loss, aux

@@ -27,6 +27,7 @@ it, so where the paper is silent we follow MoCo (He et al. 2020). The semantics,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -91,6 +92,29 @@ def attach(state: TrainState, memory: MemoryState) -> MemoryTrainState:
     """`state` with `memory` added."""
     fields = {name: getattr(state, name) for name in ("step", "params", "batch_stats", "opt_state")}
     return MemoryTrainState(**fields, tx=state.tx, memory=memory)
+
+
+def attach_empty(
+    state: TrainState,
+    model: Any,
+    memory_config: ml_collections.ConfigDict,
+    *,
+    image_size: int,
+    channels: int,
+    global_batch: int,
+) -> MemoryTrainState:
+    """`state` with an empty queue of projection-sized keys and an EMA copy of its weights."""
+    check_config(memory_config, global_batch=global_batch)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    dummy = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+    outputs = jax.eval_shape(functools.partial(model.apply, train=False), variables, dummy)
+    bank = create(
+        state.params,
+        state.batch_stats,
+        size=memory_config.size,
+        dim=outputs["projection"].shape[-1],
+    )
+    return attach(state, bank)
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:

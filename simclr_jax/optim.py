@@ -17,6 +17,7 @@ Ours, not the reference's:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -64,15 +65,49 @@ def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: int) 
     )
 
 
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
+@dataclasses.dataclass(frozen=True)
+class TrainSchedule:
+    """A run's length and learning rate, derived from the config and the data (never stored)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+
+    def learning_rate(self, peak_lr: float | None = None) -> optax.Schedule:
+        """Warmup + cosine to `peak_lr` (default: the run's scaled rate) over the run's steps."""
+        peak = self.peak_lr if peak_lr is None else peak_lr
+        return warmup_cosine_schedule(peak, self.total_steps, self.warmup_steps)
+
+
+def train_schedule(config: Any, num_examples: int | None) -> TrainSchedule:
+    """Steps and peak learning rate of a run over `num_examples` training examples (every stage).
+
+    config fields read: batch_size, num_steps (> 0 overrides num_epochs), num_epochs and optim's
+    base_lr, lr_scaling, warmup_epochs. num_examples None (a streamed split of unknown size)
+    needs num_steps and no warmup epochs.
+    """
+    batch = config.batch_size
+    if num_examples is None:
+        if not config.num_steps or config.optim.warmup_epochs:
+            raise ValueError(
+                "the size of the training split is unknown, so epochs cannot be counted: set "
+                "num_steps > 0 and optim.warmup_epochs=0"
+            )
+        num_examples = config.num_steps * batch
+    steps_per_epoch = num_examples // batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={batch} exceeds the {num_examples} training examples; lower batch_size"
+        )
+    total = config.num_steps or max(1, int(config.num_epochs * steps_per_epoch))
+    warmup = min(int(config.optim.warmup_epochs * steps_per_epoch), total)
+    peak = scaled_learning_rate(config.optim.base_lr, batch, config.optim.lr_scaling)
+    return TrainSchedule(steps_per_epoch, total, warmup, peak)
 
 
 def _path_names(path: tuple[Any, ...]) -> list[str]:
-    return [_key_name(key) for key in path]
+    return [jax.tree_util.keystr((key,), simple=True) for key in path]
 
 
 def _is_batch_norm(names: list[str]) -> bool:

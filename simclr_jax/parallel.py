@@ -46,6 +46,15 @@ def check_divisible(name: str, batch_size: int, mesh: Mesh) -> None:
         )
 
 
+def replica_mean(tree: Any) -> Any:
+    """Inside a mapped step: the mean over replicas of every leaf (gradients, metrics, BN stats).
+
+    The one place the steps average across replicas, so a test can remove it and watch the
+    8-device comparison fail (tests/multidevice/compare_steps.py).
+    """
+    return jax.lax.pmean(tree, DATA_AXIS)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
     """Maps per-replica functions over the mesh with the chosen backend."""
@@ -135,8 +144,19 @@ class DataParallel:
         return call
 
     def first(self, tree: Any) -> Any:
-        """Replicated outputs (metrics) as one copy, whatever the backend."""
-        return self.unreplicate(tree)
+        """Replicated outputs (metrics) as one copy, whatever the backend, without a host
+        transfer (an index would be one): this process's first device's copy under pmap."""
+        if self.backend == "pmap":
+            return jax.tree.map(lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
+        return tree
+
+
+def from_config(config: Any, batch_fields: Sequence[str] = ("batch_size", "eval_batch_size")):
+    """The run's DataParallel over all devices, after checking that its batches divide them."""
+    mesh = make_mesh()
+    for name in batch_fields:
+        check_divisible(name, config[name], mesh)
+    return DataParallel(mesh, config.parallel.backend)
 
 
 def _host_copy_if_local(x: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from simclr_jax import memory, optim, parallel
+from simclr_jax.checks import is_number, require
 from simclr_jax.data import augment as augment_ops
 from simclr_jax.data import sources, splits
 from simclr_jax.models.build import validate_model_fields
@@ -21,30 +22,21 @@ NONFINITE_POLICIES = ("stop", "skip")
 BAD_IMAGE_POLICIES = ("skip", "error")
 
 
-def _check(ok: bool, field: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{field} must be {allowed}, got {value!r}")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def positive(field: str, value: Any) -> None:
-    _check(_number(value) and value > 0, field, "positive", value)
+    require(is_number(value) and value > 0, field, "positive", value)
 
 
 def non_negative(field: str, value: Any) -> None:
-    _check(_number(value) and value >= 0, field, ">= 0", value)
+    require(is_number(value) and value >= 0, field, ">= 0", value)
 
 
 def one_of(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, field, f"one of {list(choices)}", value)
+    require(value in choices, field, f"one of {list(choices)}", value)
 
 
 def check_dataset(dataset: ml_collections.ConfigDict) -> None:
     one_of("dataset.source", dataset.source, sources.SOURCES)
-    _check(
+    require(
         isinstance(dataset.name, str) and bool(dataset.name), "dataset.name", "a name", dataset.name
     )
     positive("dataset.image_size", dataset.image_size)
@@ -60,10 +52,14 @@ def check_dataset(dataset: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"dataset.{field}: {err}") from None
 
 
+def check_crop(augment: ml_collections.ConfigDict) -> None:
+    crop = augment.crop_min_area
+    require(is_number(crop) and 0 < crop <= 1, "augment.crop_min_area", "in (0, 1]", crop)
+
+
 def check_augment(augment: ml_collections.ConfigDict) -> None:
     non_negative("augment.color_jitter_strength", augment.color_jitter_strength)
-    crop = augment.crop_min_area
-    _check(_number(crop) and 0 < crop <= 1, "augment.crop_min_area", "in (0, 1]", crop)
+    check_crop(augment)
     one_of("augment.brightness", augment.brightness, augment_ops.BRIGHTNESS_MODES)
 
 
@@ -73,14 +69,14 @@ def check_optim(optim_config: ml_collections.ConfigDict) -> None:
     positive("optim.base_lr", optim_config.base_lr)
     non_negative("optim.weight_decay", optim_config.weight_decay)
     momentum = optim_config.momentum
-    _check(_number(momentum) and 0 <= momentum < 1, "optim.momentum", "in [0, 1)", momentum)
+    require(is_number(momentum) and 0 <= momentum < 1, "optim.momentum", "in [0, 1)", momentum)
     positive("optim.trust_coefficient", optim_config.trust_coefficient)
     non_negative("optim.warmup_epochs", optim_config.warmup_epochs)
 
 
 def check_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     fields = model.to_dict()
-    _check(
+    require(
         isinstance(fields.pop("global_bn"), bool),
         "model.global_bn",
         "True or False",
@@ -116,3 +112,38 @@ def validate_pretrain(config: ml_collections.ConfigDict) -> None:
     check_model(config.model, config.dataset.image_size)
     if config.memory.enabled:
         memory.check_config(config.memory, global_batch=config.batch_size)
+
+
+def validate_finetune(config: ml_collections.ConfigDict) -> None:
+    """A fine-tuning config's checks (its model is checked once resolved from the checkpoint)."""
+    check_schedule(config)
+    check_dataset(config.dataset)
+    check_crop(config.augment)
+    check_optim(config.optim)
+    fraction = config.label_fraction
+    require(
+        is_number(fraction) and 0 < fraction <= 1,
+        "label_fraction",
+        "in (0, 1] (e.g. 0.01 for 1%)",
+        fraction,
+    )
+    non_negative("knn.k (0 = no kNN monitor)", config.knn.k)
+    positive("knn.temperature", config.knn.temperature)
+
+
+def validate_distill(config: ml_collections.ConfigDict) -> None:
+    """A distillation config's checks: fine-tuning's, the teacher and the loss mixture."""
+    validate_finetune(config)
+    require(
+        bool(config.teacher_checkpoint),
+        "teacher_checkpoint",
+        "a fine-tuning workdir (the teacher)",
+        config.teacher_checkpoint,
+    )
+    positive("temperature", config.temperature)
+    alpha = config.alpha
+    require(
+        is_number(alpha) and 0 <= alpha <= 1, "alpha", "in [0, 1] (labelled loss weight)", alpha
+    )
+    if config.alpha > 0:
+        positive("labeled_batch_size (alpha > 0)", config.labeled_batch_size)

@@ -10,8 +10,8 @@ import pytest
 from flax import linen as nn
 from test_finetune import load_config
 
-from simclr_jax import distill, parallel
-from simclr_jax.data import augment
+from simclr_jax import distill, losses, parallel, validation
+from simclr_jax.data import augment, stage_data
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.train.state import TrainState
 
@@ -35,10 +35,12 @@ def test_objective_matches_numpy():
     rng = np.random.default_rng(0)
     student, teacher, labeled = (rng.normal(size=(n, 5)) * 3 for n in (6, 6, 4))
     labels = rng.integers(0, 5, 4)
-    _, pure = distill.distill_objective(jnp.asarray(student), jnp.asarray(teacher), temperature=2.0)
+    _, pure = losses.distillation_objective(
+        jnp.asarray(student), jnp.asarray(teacher), temperature=2.0
+    )
     expected = numpy_objective(student, teacher, 2.0, 0.0)
     assert float(pure["loss"]) == pytest.approx(expected["loss"], rel=1e-5)
-    _, mixed = distill.distill_objective(
+    _, mixed = losses.distillation_objective(
         jnp.asarray(student), jnp.asarray(teacher), temperature=2.0, alpha=0.25,
         labeled_logits=jnp.asarray(labeled), labels=jnp.asarray(labels),
     )  # fmt: skip
@@ -125,27 +127,37 @@ def test_distill_step_loss_matches_numpy_from_teacher_and_student_logits():
         np.testing.assert_allclose(new, ref, rtol=1e-6)
 
 
-def test_unlabelled_batches_carry_no_labels():
+def test_unlabelled_batches_carry_no_labels(monkeypatch):
     """The unlabelled pool's labels are dropped at loading: poisoning them changes nothing, and the
     step's batch has no label field unless alpha > 0 adds the labelled subset."""
-    config = load_config("distill_fashion_mnist.py", "tiny")
+    config = load_config(
+        "distill_fashion_mnist.py", "tiny", "--config.dataset.eval_split=", "--config.knn.k=0"
+    )
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 4, 4, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, 40).astype(np.int32)
-    poisoned = np.roll(labels, 7)
     mesh = parallel.make_mesh(jax.devices()[:1])
+
+    def data_with(these: np.ndarray):
+        arrays = ImageArrays(images, these, 10)
+        monkeypatch.setattr(stage_data.sources, "load_split", lambda dataset, split: arrays)
+        return stage_data.distillation_data(config, mesh, 10)
+
     batches = {}
-    for name, these in (("clean", labels), ("poisoned", poisoned)):
-        _, batch_for_step = distill.make_batches(config, mesh, ImageArrays(images, these, 10), None)
-        batches[name] = [batch_for_step(step) for step in range(4)]
+    for name, these in (("clean", labels), ("poisoned", np.roll(labels, 7))):
+        batches[name] = [data_with(these).batch_for_step(step) for step in range(4)]
     for clean, bad in zip(batches["clean"], batches["poisoned"], strict=True):
         assert set(clean) == set(bad) == {"image"}
         np.testing.assert_array_equal(clean["image"], bad["image"])
-    labeled = ImageArrays(images[:10], labels[:10], 10)
-    _, with_labels = distill.make_batches(config, mesh, ImageArrays(images, labels, 10), labeled)
-    batch = with_labels(0)
+    config.alpha, config.label_fraction, config.labeled_batch_size = 0.5, 0.25, 4
+    batch = data_with(labels).batch_for_step(0)
     assert set(batch) == {"image", "labeled_image", "label"}
-    assert set(np.asarray(batch["label"]).tolist()) <= set(labels[:10].tolist())
+    subset = stage_data.labeled_subset(ImageArrays(images, labels, 10), 0.25, config.label_seed)
+    chosen = zip(subset.images, subset.labels, strict=True)
+    pairs = {(image.tobytes(), int(label)) for image, label in chosen}
+    assert len(subset) < len(images)
+    got = zip(np.asarray(batch["labeled_image"]), np.asarray(batch["label"]), strict=True)
+    assert all((image.tobytes(), int(label)) in pairs for image, label in got)
 
 
 @pytest.mark.parametrize(
@@ -164,4 +176,4 @@ def test_bad_values_name_their_field(override, message):
     else:
         overrides = [override]
     with pytest.raises(ValueError, match=message):
-        distill.validate(load_config("distill_fashion_mnist.py", "tiny", *overrides))
+        validation.validate_distill(load_config("distill_fashion_mnist.py", "tiny", *overrides))

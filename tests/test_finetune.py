@@ -17,10 +17,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from simclr_jax import finetune, parallel
+from simclr_jax import encoder, finetune, parallel, validation
+from simclr_jax.data import stage_data
 from simclr_jax.data.arrays import ImageArrays
-from simclr_jax.models import build_model
-from simclr_jax.train import knn_monitor
+from simclr_jax.models import build_model, frozen_tree
+from simclr_jax.train import evaluators
+from simclr_jax.train.state import fine_tune_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "simclr_jax" / "configs"  # loaded by path below, as the command line does
@@ -43,7 +45,7 @@ def subset_digest(labels: np.ndarray, fraction: float, seed: int) -> str:
     """Digest of the chosen examples (images carry each example's position)."""
     positions = np.arange(len(labels))
     images = np.stack([positions % 256, positions // 256], -1).astype(np.uint8)[:, None, :, None]
-    chosen = finetune.labeled_subset(ImageArrays(images, labels, 10), fraction, seed)
+    chosen = stage_data.labeled_subset(ImageArrays(images, labels, 10), fraction, seed)
     return hashlib.sha256(chosen.labels.tobytes() + chosen.images.tobytes()).hexdigest()
 
 
@@ -57,11 +59,11 @@ def test_label_subsets_are_stratified_and_deterministic():
     labels = skewed_labels()
     arrays = ImageArrays(np.zeros((len(labels), 1, 1, 1), np.uint8), labels, 10)
     for fraction in (0.01, 0.1, 0.37):
-        subset = finetune.labeled_subset(arrays, fraction, 3)
+        subset = stage_data.labeled_subset(arrays, fraction, 3)
         counts = np.bincount(subset.labels, minlength=10)
         expected = [max(1, round(fraction * n)) for n in np.bincount(labels)]
         np.testing.assert_array_equal(counts, expected)
-    assert finetune.labeled_subset(arrays, 1.0, 3) is arrays
+    assert stage_data.labeled_subset(arrays, 1.0, 3) is arrays
     assert subset_digest(labels, 0.1, 3) == subset_digest(labels, 0.1, 3)
     assert subset_digest(labels, 0.1, 3) != subset_digest(labels, 0.1, 4)
 
@@ -99,7 +101,7 @@ def test_label_subsets_are_the_same_in_another_process_with_other_devices():
 @pytest.fixture(scope="module")
 def tiny_model_and_params():
     config = load_config("finetune_fashion_mnist.py", "tiny_supervised")
-    config = finetune.resolve_model(config, "model", None)
+    config = encoder.resolve_model(config, "model", None)
     model = build_model(config.model, num_classes=10, image_size=28)
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
@@ -117,9 +119,7 @@ def test_frozen_tree_freezes_stages_unused_head_layers_and_all_but_the_classifie
 ):
     _, variables = tiny_model_and_params
     params = variables["params"]
-    frozen = paths_where(
-        finetune.frozen_tree(params, fine_tune_after_block=2, ft_proj_selector=1), True
-    )
+    frozen = paths_where(frozen_tree(params, fine_tune_after_block=2, ft_proj_selector=1), True)
     prefixes = {"/".join(p.split("/")[:2]) for p in frozen}
     assert prefixes == {
         "backbone/stem",
@@ -128,11 +128,9 @@ def test_frozen_tree_freezes_stages_unused_head_layers_and_all_but_the_classifie
         "head/dense2",
         "head/bn2",
     }
-    linear = finetune.frozen_tree(params, fine_tune_after_block=4, ft_proj_selector=1)
+    linear = frozen_tree(params, fine_tune_after_block=4, ft_proj_selector=1)
     assert paths_where(linear, False) == {"classifier/kernel", "classifier/bias"}
-    stats = finetune.frozen_tree(
-        variables["batch_stats"], fine_tune_after_block=-1, ft_proj_selector=0
-    )
+    stats = frozen_tree(variables["batch_stats"], fine_tune_after_block=-1, ft_proj_selector=0)
     assert {"/".join(p.split("/")[:2]) for p in paths_where(stats, True)} == {
         "head/bn1",
         "head/bn2",
@@ -147,7 +145,7 @@ def test_linear_evaluation_changes_only_the_classifier():
         "--config.model.ft_proj_selector=1", "--config.optim.name=momentum",
         "--config.optim.weight_decay=0.01", "--config.optim.base_lr=1.0",
     )  # fmt: skip
-    config = finetune.resolve_model(config, "model", None)
+    config = encoder.resolve_model(config, "model", None)
     model = build_model(config.model, num_classes=10, image_size=28, axis_name="data")
     # Random values of the right shapes (initialising the model would compile a large program),
     # with non-trivial BN statistics so "unchanged" cannot mean "still at their initial values".
@@ -166,7 +164,7 @@ def test_linear_evaluation_changes_only_the_classifier():
 
     variables = jax.tree_util.tree_map_with_path(fill, shapes)
     dp = parallel.DataParallel(parallel.make_mesh(jax.devices()[:1]))
-    state = dp.replicate(finetune.create_state(config.model, config.optim, variables, 1.0))
+    state = dp.replicate(fine_tune_state(config.model, config.optim, variables, 1.0))
     step = dp.map(
         finetune.make_train_step(model, config), sharded_args=(False, True), sharded_outputs=False
     )
@@ -217,7 +215,12 @@ def test_knn_monitor_matches_brute_force_numpy():
     config.eval_batch_size = 8  # 45 and 29 examples: padded last batches
     config.knn.temperature = 0.5
     dp = parallel.DataParallel(parallel.make_mesh(jax.devices()[:1]))
-    result = knn_monitor.knn_monitor(dp, PixelModel(), state, train, test, config)
+    knn = config.knn
+    monitor = evaluators.KnnMonitor(
+        dp, PixelModel(), 4, train, test, batch_size=config.eval_batch_size, k=knn.k,
+        temperature=knn.temperature,
+    )  # fmt: skip
+    result = monitor(state)
 
     def unit(x):
         x = (x.reshape(len(x), -1) / 255.0) @ w
@@ -252,7 +255,7 @@ def test_knn_monitor_matches_brute_force_numpy():
 def test_presets_load_and_validate(file, presets):
     for preset in presets:
         config = load_config(file, preset)
-        finetune.validate(config)
+        validation.validate_finetune(config)
         assert 0 < config.label_fraction <= 1 and config.batch_size > 0
 
 
@@ -287,7 +290,7 @@ def test_reference_values_and_same_budget_baselines():
 )
 def test_bad_values_name_their_field(override, message):
     with pytest.raises(ValueError, match=message):
-        finetune.validate(load_config("finetune_fashion_mnist.py", "tiny", override))
+        validation.validate_finetune(load_config("finetune_fashion_mnist.py", "tiny", override))
 
 
 def test_missing_checkpoint_and_selector_beyond_the_head(tmp_path):

@@ -19,8 +19,8 @@ import pytest
 from simclr_jax import parallel, pretrain
 from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.data import pipeline, sources
-from simclr_jax.models import build_model
 from simclr_jax.optim import scaled_learning_rate, warmup_cosine_schedule
+from simclr_jax.train import runner
 from simclr_jax.train.state import TrainState
 
 STEPS = 100
@@ -65,21 +65,10 @@ def runs():
     schedule = warmup_cosine_schedule(peak, STEPS, STEPS // 10)
     results = {}
     for dtype in DTYPES:
-        model = build_model(
-            config.model,
-            num_classes=arrays.num_classes,
-            image_size=28,
-            axis_name=parallel.DATA_AXIS,
-            dtype=pretrain.DTYPES[dtype],
-            classifier_stop_gradient=True,
-        )
+        config.dtype = dtype
+        model = pretrain.make_model(config, arrays.num_classes)
         state = init_state(model, config, mesh, schedule)
-        step = dp.map(
-            pretrain.make_train_step(model, config),
-            sharded_args=(False, True),
-            sharded_outputs=(False, False),
-            donate_argnums=(0,),
-        )
+        step = runner.map_step(dp, pretrain.make_train_step(model, config), skip_nonfinite=False)
         lowered = step.lower(state, data.batch(0))
         compiled = lowered.compile()
         if dtype == "float32":
@@ -142,6 +131,6 @@ def test_bf16_activations_and_convolutions(runs):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         images = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
         out = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
-        assert out["block_group4"].dtype == jnp.dtype(pretrain.DTYPES[dtype])
+        assert out["block_group4"].dtype == jnp.dtype(dtype)
         for key in ("features", "projection", "logits"):
             assert out[key].dtype == jnp.float32, (dtype, key)

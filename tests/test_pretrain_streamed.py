@@ -5,8 +5,8 @@ import pytest
 
 from simclr_jax import parallel, pretrain
 from simclr_jax.configs import pretrain_fashion_mnist
-from simclr_jax.data import streaming
-from simclr_jax.models import build_model
+from simclr_jax.data import stage_data, streaming
+from simclr_jax.train import evaluators, runner
 
 tfds = pytest.importorskip("tensorflow_datasets")  # the [tfds] extra; make test installs it
 
@@ -22,29 +22,18 @@ def test_imagenet_pretraining_streams_two_host_crops_per_image():
     config.batch_size = 8
     config.eval_batch_size = 8
     config.num_steps = 2  # mock data records no split sizes, so the length is in steps
-    mesh = parallel.make_mesh()
-    dp = parallel.DataParallel(mesh)
-    model = build_model(
-        config.model,
-        num_classes=1000,
-        image_size=32,
-        axis_name="data",
-        classifier_stop_gradient=True,
-    )
+    dp = parallel.from_config(config)
+    model = pretrain.make_model(config, 1000)
     with tfds.testing.mock_data(num_examples=20):
         assert streaming.is_streamed(config.dataset)
-        data = pretrain.load_data(config, mesh)
+        data = stage_data.pretraining_data(config, dp.mesh)
         batch = data.batch_for_step(0)
         # Two independent host crops per image, uint8, at the network's size.
         assert batch["image"].shape == (8, 2, 32, 32, 3) and batch["image"].dtype == np.uint8
         state = pretrain.init_state(model, config, data.channels, 0.1)
-        step = dp.map(
-            pretrain.make_train_step(model, config),
-            sharded_args=(False, True),
-            sharded_outputs=(False, False),
-        )
+        step = runner.map_step(dp, pretrain.make_train_step(model, config), skip_nonfinite=False)
         state, metrics = step(dp.replicate(state), batch)
         assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
-        probe = pretrain.evaluate_probe_on(dp, model, config, data, state)
+        probe = evaluators.exact_evaluators(dp, model, config, data, prefix="probe_")[0](state)
     # The mock validation split has 20 examples: padded to 24, every real one counted once.
     assert probe["probe_count"] == 20

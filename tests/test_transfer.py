@@ -18,7 +18,7 @@ import pytest
 from test_finetune import CONFIGS, load_config
 
 from simclr_jax import encoder, finetune
-from simclr_jax.data import digits, fashion_mnist, sources
+from simclr_jax.data import digits, fashion_mnist, sources, stage_data
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.train import checkpoint
 
@@ -101,17 +101,19 @@ def test_digit_source_errors_name_the_fix(monkeypatch):
 def test_match_channels_repeats_grey_and_takes_the_luma_of_rgb():
     rng = np.random.default_rng(0)
     grey = ImageArrays(rng.integers(0, 256, (4, 5, 5, 1), dtype=np.uint8), np.arange(4), 4)
-    rgb = finetune.match_channels(grey, 3)
+    rgb = stage_data.match_channels(grey, 3)
     assert rgb.images.shape == (4, 5, 5, 3) and rgb.labels is grey.labels
     for channel in range(3):
         np.testing.assert_array_equal(rgb.images[..., channel], grey.images[..., 0])
-    assert finetune.match_channels(grey, 1) is grey and finetune.match_channels(grey, None) is grey
+    assert (
+        stage_data.match_channels(grey, 1) is grey and stage_data.match_channels(grey, None) is grey
+    )
     colour = rng.integers(0, 256, (4, 5, 5, 3), dtype=np.uint8)
-    luma = finetune.match_channels(ImageArrays(colour, None, 0), 1).images
+    luma = stage_data.match_channels(ImageArrays(colour, None, 0), 1).images
     expected = 0.2989 * colour[..., 0] + 0.5870 * colour[..., 1] + 0.1140 * colour[..., 2]
     np.testing.assert_array_equal(luma[..., 0], np.round(expected).astype(np.uint8))
     with pytest.raises(ValueError, match="2 channels"):
-        finetune.match_channels(grey, 2)
+        stage_data.match_channels(grey, 2)
 
 
 # ------------------------------------------------------------ Fashion-MNIST -> digits, end to end
@@ -197,7 +199,7 @@ def test_grayscale_digits_transfer_to_an_rgb_network(transferred, tmp_path):
     assert finetune.train_and_evaluate(config, str(tmp_path / "ft"), stop_at_step=0)["step"] == 0
     # The RGB network sees the digits as the grayscale one does: same features.
     images = sources.load_split(digits_config(), "test[:32]")
-    rgb_images = finetune.match_channels(images, 3).images
+    rgb_images = stage_data.match_channels(images, 3).images
     (grey_fn, grey_vars), (rgb_fn, rgb_vars) = (
         encoder.load_encoder(str(w)) for w in (root / "pretrain", rgb_dir)
     )

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from simclr_jax.checks import is_int, is_number, require
 from simclr_jax.models.heads import PROJ_HEAD_MODES, num_head_layers
 from simclr_jax.models.resnet import BLOCKS_PER_GROUP, total_stride
 from simclr_jax.models.simclr import FINE_TUNE_AFTER_BLOCK_RANGE, SimCLRModel
@@ -21,16 +22,7 @@ MODEL_FIELDS: tuple[str, ...] = tuple(
 
 
 def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"model.{field} must be {allowed}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    require(ok, f"model.{field}", allowed, value)
 
 
 def validate_model_fields(fields: Mapping[str, Any], *, image_size: int) -> None:
@@ -44,9 +36,9 @@ def validate_model_fields(fields: Mapping[str, Any], *, image_size: int) -> None
         f["depth"] in BLOCKS_PER_GROUP, "depth", f"one of {sorted(BLOCKS_PER_GROUP)}", f["depth"]
     )
     for name in ("width_multiplier", "base_width"):
-        _require(_is_int(f[name]) and f[name] >= 1, name, "an integer >= 1", f[name])
+        _require(is_int(f[name]) and f[name] >= 1, name, "an integer >= 1", f[name])
     for name in ("sk_ratio", "se_ratio"):
-        _require(_is_number(f[name]) and f[name] >= 0, name, "a number >= 0", f[name])
+        _require(is_number(f[name]) and f[name] >= 0, name, "a number >= 0", f[name])
     _require(
         isinstance(f["cifar_stem"], bool), "cifar_stem", "True, False or None", f["cifar_stem"]
     )
@@ -57,10 +49,10 @@ def validate_model_fields(fields: Mapping[str, Any], *, image_size: int) -> None
         f["proj_head_mode"],
     )
     for name in ("num_proj_layers", "proj_out_dim", "num_classes"):
-        _require(_is_int(f[name]) and f[name] >= 1, name, "an integer >= 1", f[name])
+        _require(is_int(f[name]) and f[name] >= 1, name, "an integer >= 1", f[name])
     num_layers = num_head_layers(f["proj_head_mode"], f["num_proj_layers"])
     _require(
-        _is_int(f["ft_proj_selector"]) and -1 <= f["ft_proj_selector"] <= num_layers,
+        is_int(f["ft_proj_selector"]) and -1 <= f["ft_proj_selector"] <= num_layers,
         "ft_proj_selector",
         f"an integer in -1..{num_layers} (-1 = the last head layer; proj_head_mode="
         f"{f['proj_head_mode']!r}, num_proj_layers={f['num_proj_layers']})",
@@ -73,16 +65,16 @@ def validate_model_fields(fields: Mapping[str, Any], *, image_size: int) -> None
         f["fine_tune_after_block"],
     )
     _require(
-        _is_number(f["bn_momentum"]) and 0 <= f["bn_momentum"] < 1,
+        is_number(f["bn_momentum"]) and 0 <= f["bn_momentum"] < 1,
         "bn_momentum",
         "in [0, 1)",
         f["bn_momentum"],
     )
     _require(
-        _is_number(f["bn_epsilon"]) and f["bn_epsilon"] > 0, "bn_epsilon", "> 0", f["bn_epsilon"]
+        is_number(f["bn_epsilon"]) and f["bn_epsilon"] > 0, "bn_epsilon", "> 0", f["bn_epsilon"]
     )
     min_size = total_stride(f["cifar_stem"])
-    if not _is_int(image_size) or image_size < min_size:
+    if not is_int(image_size) or image_size < min_size:
         stem = "CIFAR" if f["cifar_stem"] else "ImageNet"
         raise ValueError(
             f"image_size must be an integer >= {min_size} (the total stride of a ResNet with the "
@@ -118,6 +110,24 @@ def build_model(
         fields["cifar_stem"] = image_size <= 32
     validate_model_fields(fields, image_size=image_size)
     return SimCLRModel(**fields)
+
+
+def build_for_run(
+    config: ml_collections.ConfigDict,
+    model_config: ml_collections.ConfigDict,
+    num_classes: int,
+    **overrides: Any,
+) -> SimCLRModel:
+    """The network a stage trains: `model_config` (config.model, a student's) at the run's image
+    size and compute dtype (config.dataset.image_size, config.dtype), BN across replicas."""
+    return build_model(
+        model_config,
+        num_classes=num_classes,
+        image_size=config.dataset.image_size,
+        axis_name="data",  # parallel.DATA_AXIS
+        dtype=config.dtype,
+        **overrides,
+    )
 
 
 def init_variables(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -139,3 +140,35 @@ def frozen_mask(tree: Any, fine_tune_after_block: int) -> Any:
         )
 
     return jax.tree_util.tree_map_with_path(is_frozen, tree)
+
+
+LINEAR_EVAL_BLOCK = len(STAGE_NAMES) - 1  # fine_tune_after_block that freezes the whole backbone
+
+
+def frozen_tree(tree: Any, *, fine_tune_after_block: int, ft_proj_selector: int) -> Any:
+    """Pytree of bools over params or batch_stats: True where a run must not change a value.
+
+    Frozen: backbone stages up to fine_tune_after_block (frozen_mask); projection-head layers
+    above ft_proj_selector (they feed nothing; none with -1, the last layer); and, for linear
+    evaluation (fine_tune_after_block=4), everything but the classifier.
+    """
+    backbone = frozen_mask(tree, fine_tune_after_block)
+    linear_eval = fine_tune_after_block == LINEAR_EVAL_BLOCK
+
+    def frozen(path: tuple[Any, ...], in_frozen_stage: bool) -> bool:
+        names = [jax.tree_util.keystr((key,), simple=True) for key in path]
+        if names and names[0] == "classifier":
+            return False
+        if in_frozen_stage or linear_eval:
+            return True
+        if "head" in names[:-1]:
+            layer = re.search(r"(\d+)$", names[names.index("head") + 1])
+            return layer is not None and 0 <= ft_proj_selector < int(layer.group(1))
+        return False
+
+    return jax.tree_util.tree_map_with_path(frozen, backbone)
+
+
+def keep_frozen_stats(frozen: Any, old: Any, new: Any) -> Any:
+    """New BN statistics, except the old ones (bit for bit) wherever `frozen` says so."""
+    return jax.tree.map(lambda is_frozen, o, n: o if is_frozen else n, frozen, old, new)

@@ -7,11 +7,9 @@ bad state is ever checkpointed; metrics are averaged over each logging interval 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -25,35 +23,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-@dataclasses.dataclass
-class LoopSettings:
-    """How often the loop logs, saves and evaluates (steps)."""
-
-    total_steps: int
-    end_step: int  # this run stops here (== total_steps unless told to stop early)
-    log_every: int
-    checkpoint_every: int
-    eval_every: int  # 0 = evaluate only at the end of training
-
-
-@contextlib.contextmanager
-def preemption_flag() -> Iterator[list[int]]:
-    """Catch SIGTERM/SIGINT for the duration of the loop; the list holds the signals received."""
-    received: list[int] = []
-    handled = (signal.SIGTERM, signal.SIGINT)
-    previous = {}
-    try:
-        for sig in handled:
-            previous[sig] = signal.signal(sig, lambda signum, _: received.append(signum))
-    except ValueError:  # not the main thread: nothing to install
-        previous = {}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def guard_nonfinite(step_fn: Callable, *, skip: bool) -> Callable:
     """Wrap a per-replica step to flag (and optionally drop) updates that are not finite.
 
@@ -64,8 +33,8 @@ def guard_nonfinite(step_fn: Callable, *, skip: bool) -> Callable:
     still advances, so data and augmentation stay tied to the step number).
     """
 
-    def guarded(state, batch):
-        new_state, step_metrics = step_fn(state, batch)
+    def guarded(state, *inputs):
+        new_state, step_metrics = step_fn(state, *inputs)
         finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(
             optax.global_norm(new_state.params)
         )
@@ -95,75 +64,101 @@ def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(v.mean()) for k, v in stacked.items()}
 
 
-def run(
-    *,
-    state: Any,
-    start_step: int,
-    settings: LoopSettings,
-    train_step: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]],
-    batch_for_step: Callable[[int], Any],
-    first: Callable[[Any], Any],
-    save: Callable[[int, Any], None],
-    evaluate: Callable[[Any], dict[str, float]] | None,
-    writer: Any,
-    progress: metrics_lib.Progress,
-    learning_rate: Callable[[int], Any],
-    workdir: str,
-    stop_on_nonfinite: bool = True,
-) -> tuple[Any, dict[str, Any]]:
-    """Run steps start_step..settings.end_step; returns the state and the latest metrics.
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """How long the loop runs and how often it logs, saves and evaluates (steps)."""
 
-    `first` turns a replicated output into one copy (the backend's unreplicate); `save(step, state)`
-    checkpoints. Results (the last training metrics, every evaluation) go to workdir/results.json.
-    Steps wrapped by guard_nonfinite report bad updates: with stop_on_nonfinite the loop raises
-    NonFiniteLossError before such a state is saved; otherwise the step has dropped them itself.
+    total_steps: int
+    end_step: int  # this run stops here (== total_steps unless told to stop early)
+    log_every: int
+    checkpoint_every: int
+    eval_every: int  # 0 = evaluate only at the end of training
+
+
+@dataclasses.dataclass
+class StepLoop:
+    """The steps of one run: train, log, save, evaluate, stop (train/runner.py builds it).
+
+    `train_step(state, batch)` is the mapped step; `first` turns a replicated output into one
+    copy; `save(step, state)` checkpoints; `stops.stop_after(step)` says, the same on every
+    process, whether a stop was requested. The loop alone decides when to save: every
+    checkpoint_every steps, at the end, and at a stop. After the first step (which compiles) the
+    loop runs under jax.transfer_guard("disallow"); what must cross (the schedule's value, a
+    checkpoint, an evaluation) is allowed where it happens.
     """
-    results: dict[str, Any] = {}
-    pending: list[dict[str, jax.Array]] = []
-    interval_start = done = start_step
-    with preemption_flag() as signals:
-        for step in range(start_step, settings.end_step):
-            state, step_metrics = train_step(state, batch_for_step(step))
-            pending.append(first(step_metrics))
-            done = step + 1
-            # One snapshot per step: a signal arriving later in this iteration is seen next step
-            # (or right after the loop), never between the save decision and the exit.
-            stopping = bool(signals)
-            last = done == settings.end_step or stopping
-            save_now = done % settings.checkpoint_every == 0 or last
-            if done % settings.log_every == 0 or save_now:
-                bad = first_nonfinite_step(pending, interval_start + 1)
-                if bad is not None and stop_on_nonfinite:
-                    raise NonFiniteLossError(
-                        f"the loss or the parameters became NaN/inf at step {bad}; stopping "
-                        f"without saving it. The last checkpoint (step <= {interval_start}) is "
-                        "kept. Lower the learning rate, or set --config.nonfinite=skip to drop "
-                        "such steps"
-                    )
-                summary = mean_metrics(pending)
-                summary["learning_rate"] = float(learning_rate(step))
-                writer.write_scalars(done, summary)
-                results.update(summary)
-                pending, interval_start = [], done
-            progress(done)
-            if save_now:
-                save(done, state)
-            eval_now = settings.eval_every and done % settings.eval_every == 0
-            if evaluate is not None and (eval_now or done == settings.total_steps):
-                eval_metrics = evaluate(state)
-                writer.write_scalars(done, eval_metrics)
-                results.update(eval_metrics)
-            if save_now or eval_now:
-                metrics_lib.write_results_json(workdir, results, done)
+
+    settings: LoopSettings
+    train_step: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
+    batch_for_step: Callable[[int], Any]
+    first: Callable[[Any], Any]
+    save: Callable[[int, Any], Any]
+    evaluators: Sequence[Callable[[Any], dict[str, float]]]
+    writer: Any
+    progress: metrics_lib.Progress
+    learning_rate: Callable[[int], Any]
+    workdir: str
+    stops: Any  # preemption.StopRequests
+    stop_on_nonfinite: bool = True
+
+    def run(self, state: Any, start_step: int) -> tuple[Any, dict[str, Any]]:
+        """Steps start_step..end_step (or to a stop); the state and the latest metrics."""
+        results: dict[str, Any] = {}
+        self._pending: list[dict[str, jax.Array]] = []
+        self._interval_start = done = start_step
+        for step in range(start_step, self.settings.end_step):
+            guard = "allow" if step == start_step else "disallow"
+            with jax.transfer_guard(guard):
+                state, step_metrics = self.train_step(state, self.batch_for_step(step))
+                self._pending.append(self.first(step_metrics))
+                done = step + 1
+                # One answer per step: a request arriving later is seen after the next step.
+                stopping = self.stops.stop_after(done)
+                self._after_step(done, state, stopping, results)
             if stopping:
                 logging.warning(
-                    "Received signal %d: stopped after step %d with a checkpoint; rerun the same "
-                    "command to resume.",
-                    signals[0],
+                    "Stopped by %s after step %d with a checkpoint; rerun the same command to "
+                    "resume.",
+                    self.stops.reason,
                     done,
                 )
                 results["preempted_at_step"] = done
                 break
-    writer.flush()
-    results["step"] = done
-    return state, results
+        self.writer.flush()
+        results["step"] = done
+        return state, results
+
+    def _after_step(self, done: int, state: Any, stopping: bool, results: dict) -> None:
+        settings = self.settings
+        save_now = done % settings.checkpoint_every == 0 or done == settings.end_step or stopping
+        if done % settings.log_every == 0 or save_now:
+            results.update(self._log(done))
+        self.progress(done)
+        if save_now:
+            with jax.transfer_guard("allow"):
+                self.save(done, state)
+        eval_now = settings.eval_every and done % settings.eval_every == 0
+        if self.evaluators and (eval_now or done == settings.total_steps):
+            found: dict[str, float] = {}
+            with jax.transfer_guard("allow"):
+                for evaluator in self.evaluators:
+                    found.update(evaluator(state))
+            self.writer.write_scalars(done, found)
+            results.update(found)
+        if save_now or eval_now:
+            metrics_lib.write_results_json(self.workdir, results, done)
+
+    def _log(self, done: int) -> dict[str, float]:
+        """The interval's mean metrics, written; raises first if a step was not finite."""
+        bad = first_nonfinite_step(self._pending, self._interval_start + 1)
+        if bad is not None and self.stop_on_nonfinite:
+            raise NonFiniteLossError(
+                f"the loss or the parameters became NaN/inf at step {bad}; stopping without "
+                f"saving it. The last checkpoint (step <= {self._interval_start}) is kept. Lower "
+                "the learning rate, or set --config.nonfinite=skip to drop such steps"
+            )
+        summary = mean_metrics(self._pending)
+        with jax.transfer_guard("allow"):  # the schedule is evaluated from a host integer
+            summary["learning_rate"] = float(self.learning_rate(done - 1))
+        self.writer.write_scalars(done, summary)
+        self._pending, self._interval_start = [], done
+        return summary

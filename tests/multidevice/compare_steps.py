@@ -1,76 +1,160 @@
-"""Run on 8 forced CPU devices: the pretraining step on 1 device vs 8 (shard_map and pmap).
+"""Run on 8 forced CPU devices: every stage's train step on 1 device vs 8 (shard_map and pmap).
 
-Prints one JSON line: for every backend, the largest absolute difference from the single-device step in
-the loss and metrics, the averaged gradients, the new BN statistics and the LARS-updated parameters.
+The steps are the trainers' own (pretrain.make_view_gradient_fn and the views; finetune's and
+distill's make_train_step mapped by runner.map_step, as the runner maps them), on tiny ResNet-18s.
+Prints one JSON line: {kind: {backend: {quantity: largest absolute difference from the
+single-device step}}, 'scale': {kind: {quantity: largest magnitude on one device}}} for the kinds
+'pretrain', 'finetune' and 'distill' and the quantities 'metrics', 'batch_stats', 'params' (after
+the update), 'update' (params after minus before) and, for pretraining, 'grads'. The backend
+'forgot_pmean' is shard_map with parallel.replica_mean (the steps' one average over replicas)
+replaced by the identity: the comparison must catch it.
 """
 
 import json
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# LLVM optimisation off: each tiny program compiles several times faster, on both sides alike.
+os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simclr_jax import parallel, pretrain  # noqa: E402
-from simclr_jax.configs import pretrain_fashion_mnist  # noqa: E402
-from simclr_jax.models import build_model, init_variables  # noqa: E402
-from simclr_jax.optim import make_optimizer  # noqa: E402
-from simclr_jax.train.state import TrainState  # noqa: E402
+from simclr_jax import distill as distill_stage  # noqa: E402
+from simclr_jax import encoder, finetune, parallel, pretrain  # noqa: E402
+from simclr_jax.configs import (  # noqa: E402
+    distill_fashion_mnist,
+    finetune_fashion_mnist,
+    pretrain_fashion_mnist,
+)
+from simclr_jax.data import views  # noqa: E402
+from simclr_jax.models import (  # noqa: E402
+    ARCHITECTURE_FIELDS,
+    build_for_run,
+    build_model,
+    init_variables,  # noqa: E402
+)
+from simclr_jax.train import runner  # noqa: E402
+from simclr_jax.train.state import fine_tune_state  # noqa: E402
+
+BATCH = 16
+BACKENDS = ("shard_map", "pmap", "forgot_pmean")
+
+
+def max_abs(tree) -> float:
+    return max(float(np.max(np.abs(x))) for x in jax.tree.leaves(tree))
 
 
 def max_diff(a, b) -> float:
-    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b))
-    return max(leaves)
+    return max_abs(jax.tree.map(lambda x, y: np.asarray(x) - np.asarray(y), a, b))
+
+
+def images(rng, n: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+
+
+def tiny_architecture(model_config) -> None:
+    """The pretraining 'tiny' network (ResNet-18, base width 4, 2 head layers to 16)."""
+    tiny = pretrain_fashion_mnist.get_config("tiny").model
+    for name in ARCHITECTURE_FIELDS:
+        model_config[name] = tiny[name]
+
+
+def pretrain_case(rng):
+    """Gradients and the LARS update in one program: the step's pieces, outputs named."""
+    config = pretrain_fashion_mnist.get_config("tiny")
+    model = pretrain.make_model(config, 10)
+    state = pretrain.init_state(model, config, 1, 0.5)
+    gradients = pretrain.make_view_gradient_fn(model, config)
+
+    def fn(state, batch):
+        view_a, view_b = views.contrastive_views(config, state.step, batch["image"])
+        grads, aux, stats = gradients(state, view_a, view_b, batch["label"])
+        new = state.apply_gradients(grads, stats)
+        return {"grads": grads, "metrics": aux, "batch_stats": stats, "params": new.params}
+
+    batch = {"image": images(rng, BATCH), "label": rng.integers(0, 10, BATCH, dtype=np.int32)}
+    return fn, state, (), batch, None
+
+
+def finetune_case(rng):
+    """From head layer 1 with the stem and block group 1 frozen (frozen BN statistics kept)."""
+    config = finetune_fashion_mnist.get_config("tiny_supervised")
+    tiny_architecture(config.model)
+    config.model.fine_tune_after_block, config.model.ft_proj_selector = 1, 1
+    config = encoder.resolve_model(config, "model", None)
+    model = build_for_run(config, config.model, 10)
+    variables = encoder.initial_variables(model, config.seed, 28, 1, None)
+    state = fine_tune_state(config.model, config.optim, variables, 0.5)
+    batch = {"image": images(rng, BATCH), "label": rng.integers(0, 10, BATCH, dtype=np.int32)}
+    return finetune.make_train_step(model, config), state, (), batch, config
+
+
+def distill_case(rng):
+    """Self-distillation with a labelled batch too (alpha 0.5), from a random teacher."""
+    config = distill_fashion_mnist.get_config("tiny")
+    tiny_architecture(config.student.model)
+    config.alpha, config.labeled_batch_size = 0.5, 8
+    config = encoder.resolve_model(config, "student.model", None)
+    student = build_for_run(config, config.student.model, 10)
+    teacher = build_model(config.student.model, num_classes=10, image_size=28)  # no collectives
+    teacher_variables = init_variables(teacher, seed=1, image_size=28, channels=1)
+    variables = encoder.initial_variables(student, config.seed, 28, 1, None)
+    state = fine_tune_state(config.student.model, config.optim, variables, 0.5)
+    batch = {
+        "image": images(rng, BATCH),
+        "labeled_image": images(rng, 8),
+        "label": rng.integers(0, 10, 8, dtype=np.int32),
+    }
+    step = distill_stage.make_train_step(student, teacher, config, with_labels=True)
+    return step, state, (teacher_variables,), batch, config
+
+
+def run(case, devices, backend: str) -> dict:
+    fn, state, replicated, batch, config = case
+    state = jax.device_get(state)  # host copies: every run places (and donates) its own
+    dp = parallel.DataParallel(parallel.make_mesh(devices), backend)
+    inputs = [dp.replicate(x) for x in replicated]
+    if config is None:  # a function of (state, batch) whose outputs are all replicated
+        mapped = dp.map(fn, sharded_args=(False, True), sharded_outputs=False)
+        out = mapped(dp.replicate(state), jax.device_put(batch, dp.batch_sharding))
+        out = jax.device_get(dp.first(out))
+    else:  # the trainer's step, mapped as the runner maps it
+        mapped = runner.map_step(dp, fn, skip_nonfinite=False, num_replicated=len(replicated))
+        new, aux = mapped(dp.replicate(state), *inputs, jax.device_put(batch, dp.batch_sharding))
+        out = jax.device_get(
+            {"metrics": dp.first(aux), "batch_stats": dp.first(new.batch_stats),
+             "params": dp.first(new.params)}
+        )  # fmt: skip
+    out["update"] = jax.tree.map(lambda a, b: a - np.asarray(b), out["params"], state.params)
+    return out
+
+
+def forgetting_the_average(case, devices) -> dict:
+    """The 8-device step built with parallel.replica_mean as the identity (no pmean at all)."""
+    kept = parallel.replica_mean
+    parallel.replica_mean = lambda tree: tree
+    try:
+        return run(case, devices, "shard_map")
+    finally:
+        parallel.replica_mean = kept
 
 
 def main():
-    config = pretrain_fashion_mnist.get_config("tiny")
-    batch_size = 16
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
-        "label": rng.integers(0, 10, (batch_size,), dtype=np.int32),
-    }
-    model = build_model(
-        config.model, num_classes=10, image_size=28, axis_name="data", classifier_stop_gradient=True
-    )
-    variables = init_variables(model, seed=0, image_size=28, channels=1)
-    tx = make_optimizer(config.optim, variables["params"], learning_rate=0.5)
-    state = TrainState.create(
-        params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
-    )
-
-    def run(devices, backend):
-        dp = parallel.DataParallel(parallel.make_mesh(devices), backend)
-        global_batch = jax.device_put(batch, dp.batch_sharding)
-        gradients = pretrain.make_gradient_fn(model, config)
-
-        def step_with_grads(state, batch):  # one program: the gradients and the LARS update
-            grads, aux, stats = gradients(state, batch)
-            return state.apply_gradients(grads, stats), grads, aux, stats
-
-        step_fn = dp.map(
-            step_with_grads,
-            sharded_args=(False, True),
-            sharded_outputs=(False, False, False, False),
-        )
-        new_state, grads, aux, stats = dp.first(step_fn(dp.replicate(state), global_batch))
-        return jax.device_get(
-            {"metrics": aux, "grads": grads, "batch_stats": stats, "params": new_state.params}
-        )
-
-    reference = run(jax.devices()[:1], "shard_map")
-    report = {"devices": jax.device_count()}
-    for backend in ("shard_map", "pmap"):
-        result = run(jax.devices(), backend)
-        report[backend] = {key: max_diff(reference[key], result[key]) for key in reference}
-    # Scale of the quantities, so a test can tell "equal" from "both zero".
-    report["scale"] = {
-        "grads": max(float(np.max(np.abs(g))) for g in jax.tree.leaves(reference["grads"])),
-        "loss": float(reference["metrics"]["loss"]),
-    }
+    report = {"devices": jax.device_count(), "scale": {}}
+    for kind, make in (("pretrain", pretrain_case), ("finetune", finetune_case),
+                       ("distill", distill_case)):  # fmt: skip
+        case = make(np.random.default_rng(0))
+        reference = run(case, jax.devices()[:1], "shard_map")
+        results = {backend: run(case, jax.devices(), backend) for backend in BACKENDS[:2]}
+        results["forgot_pmean"] = forgetting_the_average(case, jax.devices())
+        report[kind] = {
+            backend: {key: max_diff(reference[key], got[key]) for key in reference}
+            for backend, got in results.items()
+        }
+        report["scale"][kind] = {key: max_abs(value) for key, value in reference.items()}
     print(json.dumps(report))
 
 

@@ -139,9 +139,7 @@ def flat(prefix: str, tree) -> dict[str, np.ndarray]:
 
 def main(out_path: str):
     config = memory_config()
-    model = build_model(
-        config.model, num_classes=10, image_size=28, axis_name="data", classifier_stop_gradient=True
-    )
+    model = pretrain.make_model(config, 10)
     state, data = start_state(model, config), batches()
     one_states, one_metrics = run(model, config, state, data, jax.devices()[:1])
     eight_states, eight_metrics = run(model, config, state, data, jax.devices())

@@ -1,0 +1,225 @@
+"""A stage's data: its training batches (a function of the step) and its exact-evaluation batches.
+
+Fixed-size datasets live on the devices (pipeline.DeviceResidentData: batches are a function of
+(seed, step), so a resumed run sees exactly the batches it would have). Variable-size tfds datasets
+(ImageNet) stream through the host (tfds_source.host_pipeline): the host decodes and crops, and
+the stream restarts on resume (another, equally random, order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from simclr_jax.data import augment, sources, streaming
+from simclr_jax.data import pipeline as data_pipeline
+from simclr_jax.data.arrays import ImageArrays
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageData:
+    """Where a run's batches come from, whichever path serves them."""
+
+    num_examples: int | None  # training examples; None: a streamed split of unknown size
+    num_classes: int
+    channels: int
+    batch_for_step: Callable[[int], Batch]  # the global batch of a step
+    eval_batches: Callable[[], Iterable[Batch]] | None  # a fresh pass, padded and masked
+    precropped: bool  # the host took the crops (streamed, variable-size images)
+    train_arrays: ImageArrays | None = None  # the labelled in-memory train set (kNN's bank)
+    eval_arrays: ImageArrays | None = None
+
+
+def pretraining_data(config: ml_collections.ConfigDict, mesh: Any) -> StageData:
+    """Pretraining: the labelled train split (the online probe reads its labels)."""
+    if streaming.is_streamed(config.dataset):
+        return _streamed(config, mesh, num_crops=2, channels=None, size_required=False)
+    train = sources.load_split(config.dataset, config.dataset.train_split)
+    if train.labels is None:
+        raise ValueError("pretraining with the online probe needs a labeled train split")
+    return _resident(config, mesh, train)
+
+
+def labeled_data(
+    config: ml_collections.ConfigDict, mesh: Any, channels: int | None = None
+) -> StageData:
+    """Fine-tuning: the label_fraction subset; `channels` (a checkpoint's) converts the images."""
+    if streaming.is_streamed(config.dataset):
+        if config.label_fraction < 1.0:
+            raise ValueError(
+                f"label_fraction={config.label_fraction} needs an in-memory dataset; for "
+                "ImageNet use dataset.name='imagenet2012_subset/1pct' (or /10pct) with "
+                "label_fraction=1.0"
+            )
+        return _streamed(config, mesh, num_crops=1, channels=channels, size_required=True)
+    train = sources.load_split(config.dataset, config.dataset.train_split)
+    train = labeled_subset(train, config.label_fraction, config.label_seed)
+    return _resident(config, mesh, match_channels(train, channels), channels)
+
+
+def distillation_data(config: ml_collections.ConfigDict, mesh: Any, num_classes: int) -> StageData:
+    """Distillation: step -> {'image'} unlabelled, plus {'labeled_image', 'label'} when alpha > 0.
+
+    The unlabelled pool loses its labels here, so they can never reach the step; the labelled
+    subset (label_fraction of the same split) feeds the labelled loss and the kNN monitor.
+    """
+    train = sources.load_split(config.dataset, config.dataset.train_split)
+    labeled = None
+    if train.labels is not None and (config.alpha > 0 or config.knn.k > 0):
+        labeled = labeled_subset(train, config.label_fraction, config.label_seed)
+    elif config.alpha > 0:
+        raise ValueError("alpha > 0 needs a labelled dataset.train_split")
+    if labeled is not None and labeled.num_classes != num_classes:
+        raise ValueError(
+            f"the teacher predicts {num_classes} classes but {config.dataset.name!r} has "
+            f"{labeled.num_classes}"
+        )
+    pool = _resident(config, mesh, ImageArrays(train.images, None, train.num_classes))
+    extra = None
+    if config.alpha > 0:
+        extra = data_pipeline.DeviceResidentData(
+            labeled, global_batch=config.labeled_batch_size, seed=config.seed + 1, mesh=mesh
+        ).batch
+    batch_for_step = functools.partial(_distillation_batch, pool.batch_for_step, extra)
+    return dataclasses.replace(
+        pool, num_classes=num_classes, batch_for_step=batch_for_step, train_arrays=labeled
+    )
+
+
+def labeled_subset(arrays: ImageArrays, fraction: float, seed: int) -> ImageArrays:
+    """The class-stratified `fraction` of a labelled split; a pure function of its arguments, so
+    every host (and every rerun) picks the same examples."""
+    if arrays.labels is None:
+        raise ValueError("dataset.train_split has no labels; fine-tuning needs a labelled split")
+    if fraction >= 1.0:
+        return arrays
+    return sources.take_label_fraction(arrays, fraction, seed=seed)
+
+
+def match_channels(arrays: ImageArrays, channels: int | None) -> ImageArrays:
+    """`arrays` with the channel count the network expects (None: keep the data's own).
+
+    For transfer from a checkpoint: grayscale is repeated to RGB, RGB becomes its luma
+    (augment.GRAYSCALE_WEIGHTS). Done once on the host, before the data goes to the devices.
+    """
+    have = arrays.images.shape[-1]
+    if channels is None or channels == have:
+        return arrays
+    if (have, channels) == (1, 3):
+        images = np.repeat(arrays.images, 3, axis=-1)
+    elif (have, channels) == (3, 1):
+        luma = arrays.images.astype(np.float32) @ np.asarray(augment.GRAYSCALE_WEIGHTS, np.float32)
+        images = np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+    else:
+        raise ValueError(f"cannot convert {have}-channel images to {channels} channels (1 or 3)")
+    return ImageArrays(images, arrays.labels, arrays.num_classes)
+
+
+def _distillation_batch(unlabeled: Callable, labeled: Callable | None, step: int) -> Batch:
+    batch = {"image": unlabeled(step)["image"]}
+    if labeled is not None:
+        extra = labeled(step)
+        batch.update(labeled_image=extra["image"], label=extra["label"])
+    return batch
+
+
+def _resident(
+    config: ml_collections.ConfigDict,
+    mesh: Any,
+    train: ImageArrays,
+    channels: int | None = None,
+) -> StageData:
+    """Fixed-size data on the devices; the eval split (if any) in `channels` for exact batches."""
+    resident = data_pipeline.DeviceResidentData(
+        train, global_batch=config.batch_size, seed=config.seed, mesh=mesh
+    )
+    eval_arrays = eval_batches = None
+    if config.dataset.eval_split:
+        eval_arrays = sources.load_split(config.dataset, config.dataset.eval_split)
+        eval_arrays = match_channels(eval_arrays, channels)
+        eval_batches = functools.partial(
+            data_pipeline.eval_batches, eval_arrays, global_batch=config.eval_batch_size, mesh=mesh
+        )
+    return StageData(
+        num_examples=len(train),
+        num_classes=train.num_classes,
+        channels=train.images.shape[-1],
+        batch_for_step=resident.batch,
+        eval_batches=eval_batches,
+        precropped=False,
+        train_arrays=train if train.labels is not None else None,
+        eval_arrays=eval_arrays,
+    )
+
+
+def _streamed(
+    config: ml_collections.ConfigDict,
+    mesh: Any,
+    *,
+    num_crops: int,
+    channels: int | None,
+    size_required: bool,
+) -> StageData:
+    """Variable-size tfds data: host-cropped batches, `num_crops` per image (2: one per view)."""
+    from simclr_jax.data import tfds_source
+
+    dataset = config.dataset
+    info = tfds_source.dataset_info(dataset.name, data_dir=dataset.data_dir)
+    have = info.features["image"].shape[-1] or 3
+    if channels is not None and channels != have:
+        raise ValueError(
+            f"{dataset.name!r} has {have}-channel images but the config.init_checkpoint network "
+            f"expects {channels}; channels are converted only for in-memory datasets"
+        )
+    num_examples = _split_size(info, dataset.train_split)
+    if size_required and num_examples is None:
+        raise ValueError(
+            f"dataset.train_split {dataset.train_split!r} of {dataset.name!r} is unknown or not "
+            f"prepared: run `tfds build {dataset.name}`"
+        )
+    local = functools.partial(
+        tfds_source.host_pipeline,
+        dataset.name,
+        image_size=dataset.image_size,
+        data_dir=dataset.data_dir,
+    )
+    processes = jax.process_count()
+    train = local(
+        dataset.train_split,
+        local_batch=config.batch_size // processes,
+        train=True,
+        seed=config.seed,
+        num_crops=num_crops,
+        crop_min_area=config.augment.crop_min_area,
+    )
+
+    def eval_batches() -> Iterable[Batch]:
+        batches = local(
+            dataset.eval_split, local_batch=config.eval_batch_size // processes, train=False
+        )
+        return (data_pipeline.to_global_batch(batch, mesh) for batch in batches)
+
+    return StageData(
+        num_examples=num_examples,
+        num_classes=int(info.features["label"].num_classes),
+        channels=have,
+        batch_for_step=lambda step: data_pipeline.to_global_batch(next(train), mesh),
+        eval_batches=eval_batches if dataset.eval_split else None,
+        precropped=True,
+    )
+
+
+def _split_size(info: Any, split: str) -> int | None:
+    """Examples in `split` as tfds records them; None when it does not."""
+    try:
+        return info.splits[split].num_examples
+    except (KeyError, ValueError):
+        return None

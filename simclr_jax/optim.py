@@ -83,6 +83,9 @@ class TrainSchedule:
 def train_schedule(config: Any, num_examples: int | None) -> TrainSchedule:
     """Steps and peak learning rate of a run over `num_examples` training examples (every stage).
 
+    total = num_steps or N * epochs // B + 1 and warmup = round(warmup_epochs * N // B), as the
+    reference; a warmup longer than the run never leaves the warmup line (warmup_cosine_schedule).
+
     config fields read: batch_size, num_steps (> 0 overrides num_epochs), num_epochs and optim's
     base_lr, lr_scaling, warmup_epochs. num_examples None (a streamed split of unknown size)
     needs num_steps and no warmup epochs.
@@ -100,8 +103,10 @@ def train_schedule(config: Any, num_examples: int | None) -> TrainSchedule:
         raise ValueError(
             f"batch_size={batch} exceeds the {num_examples} training examples; lower batch_size"
         )
-    total = config.num_steps or max(1, int(config.num_epochs * steps_per_epoch))
-    warmup = min(int(config.optim.warmup_epochs * steps_per_epoch), total)
+    # The reference's counts (tf2/model.py get_train_steps, WarmUpAndCosineDecay): the epochs
+    # are counted in examples, so a fractional last batch still gets a step, plus one.
+    total = config.num_steps or int(num_examples * config.num_epochs // batch + 1)
+    warmup = int(round(config.optim.warmup_epochs * num_examples // batch))
     peak = scaled_learning_rate(config.optim.base_lr, batch, config.optim.lr_scaling)
     return TrainSchedule(steps_per_epoch, total, warmup, peak)
 

@@ -192,8 +192,9 @@ def test_dry_run_pretraining_is_the_gpu_preset_with_the_reference_schedule_shape
     # 8 epochs of 60,000 images in batches of 512; warmup 5% of the run, then cosine (as the
     # preset's 10 of 200 epochs); the probe evaluated four times.
     schedule = optim.train_schedule(config, 60_000)
-    assert schedule.total_steps == 8 * (60_000 // 512) == 936
-    assert schedule.warmup_steps == int(0.05 * 936)
+    # The reference's step counts: N * epochs // B + 1, warmup round(warmup_epochs * N // B).
+    assert schedule.total_steps == 60_000 * 8 // 512 + 1 == 938
+    assert schedule.warmup_steps == round(config.optim.warmup_epochs * 60_000 // 512) == 46
     assert config.eval_every_steps == 936 // 4
 
 

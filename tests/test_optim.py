@@ -125,6 +125,46 @@ def test_warmup_longer_than_run_stays_on_warmup_line():
         optim.warmup_cosine_schedule(1.0, 10, -1)
 
 
+def run_config(**fields) -> ml_collections.ConfigDict:
+    optim_config = dict(base_lr=0.3, lr_scaling="linear", warmup_epochs=fields.pop("warmup", 10.0))
+    defaults = dict(batch_size=512, num_steps=0, num_epochs=100.0, optim=optim_config)
+    return ml_collections.ConfigDict({**defaults, **fields})
+
+
+@pytest.mark.parametrize(
+    "examples,batch,epochs,warmup,total_steps,warmup_steps",
+    [
+        # google-research/simclr tf2/model.py: get_train_steps = N * epochs // B + 1;
+        # WarmUpAndCosineDecay: warmup = int(round(warmup_epochs * N // B)).
+        (50_000, 512, 100.0, 10.0, 9766, 976),  # CIFAR-10: 5,000,000 // 512 + 1
+        (1_281_167, 4096, 100.0, 10.0, 31279, 3127),  # ImageNet, batch 4096
+        (600, 60, 60.0, 0.0, 601, 0),  # 1% of Fashion-MNIST: 10 steps an epoch, plus one
+        (1000, 300, 0.5, 1.5, 2, 5),  # a fraction of an epoch; warmup longer than the run
+    ],
+)
+def test_train_schedule_counts_steps_as_the_reference(
+    examples, batch, epochs, warmup, total_steps, warmup_steps
+):
+    config = run_config(batch_size=batch, num_epochs=epochs, warmup=warmup)
+    schedule = optim.train_schedule(config, examples)
+    assert (schedule.total_steps, schedule.warmup_steps) == (total_steps, warmup_steps)
+    assert schedule.steps_per_epoch == examples // batch
+    assert schedule.peak_lr == pytest.approx(0.3 * batch / 256)
+    assert float(schedule.learning_rate()(warmup_steps // 2)) == pytest.approx(
+        reference_lr(warmup_steps // 2, 0.3 * batch / 256, total_steps, warmup_steps), rel=1e-5
+    )
+
+
+def test_train_schedule_num_steps_and_unknown_sizes():
+    assert optim.train_schedule(run_config(num_steps=7), 50_000).total_steps == 7
+    # A streamed split of unknown size: only a length in steps (and no epoch warmup) works.
+    assert optim.train_schedule(run_config(num_steps=7, warmup=0.0), None).total_steps == 7
+    with pytest.raises(ValueError, match="num_steps > 0 and optim.warmup_epochs=0"):
+        optim.train_schedule(run_config(), None)
+    with pytest.raises(ValueError, match="batch_size=512 exceeds the 100 training examples"):
+        optim.train_schedule(run_config(), 100)
+
+
 # ----------------------------------------------------------------------------- masks
 
 

@@ -2,9 +2,23 @@
 
 All losses compute in float32 whatever the input dtype (bf16 projections or logits are upcast
 first), so mixed-precision training keeps an fp32 loss, as the design asks.
+
+NT-Xent across replicas (`axis_name`, inside shard_map/pmap): the negatives are
+`lax.all_gather`ed from every replica, labels are offset by `lax.axis_index(axis_name) * b`, and
+the returned loss and metrics are global means (local mean, then `lax.pmean`), the same on every
+replica and equal to the single-device values on the whole batch. Gradients flow back through the
+gathered copies (all_gather's transpose is a reduce-scatter), so:
+  * under `jax.shard_map(..., check_vma=True)`, `jax.grad` of the loss inside the mapped function
+    is exactly the single-device gradient, for the local z and for replicated parameters alike
+    (the latter already summed over replicas: do not pmean them again);
+  * under `jax.pmap` or `shard_map(check_vma=False)`, a replicated parameter's gradient is exact
+    after the usual `lax.pmean` of the per-replica gradients (the local z gradient itself is R
+    times the single-device one, as for any loss under pmap).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +60,7 @@ def nt_xent(
     memory_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SimCLR's normalised-temperature cross-entropy (NT-Xent), as the reference
-    `add_contrastive_loss` defines it.
+    `add_contrastive_loss` defines it (how it behaves across replicas: the module docstring).
 
     z_a, z_b: this replica's projections [b, D] of the two views of the same b images (row i of
     z_a and row i of z_b are the positive pair). Each of the 2N views of the global batch (N = R*b
@@ -59,31 +73,35 @@ def nt_xent(
     reference's value and gradient scale). Dot products are divided by `temperature`; with
     `normalize` the projections are L2-normalised first (cosine similarity).
 
-    axis_name: inside shard_map/pmap, the negatives are `lax.all_gather`ed from every replica,
-    labels are offset by `lax.axis_index(axis_name) * b`, and the returned loss and metrics are
-    global means (local mean, then `lax.pmean`), the same on every replica and equal to the
-    single-device values on the whole batch. Gradients flow back through the gathered copies
-    (all_gather's transpose is a reduce-scatter), so:
-      * under `jax.shard_map(..., check_vma=True)`, `jax.grad` of this loss inside the mapped
-        function is exactly the single-device gradient, for the local z and for replicated
-        parameters alike (the latter already summed over replicas: do not pmean them again);
-      * under `jax.pmap` or `shard_map(check_vma=False)`, a replicated parameter's gradient is
-        exact after the usual `lax.pmean` of the per-replica gradients (the local z gradient
-        itself is R times the single-device one, as for any loss under pmap).
-
-    memory: optional [M, D] extra negatives (SimCLRv2's MoCo-style queue), the same on every
-    replica. Appended as M extra logit columns in both directions, never a positive; no
-    gradient flows into it (stop_gradient). With `normalize` it is L2-normalised here like z
-    (idempotent, so a queue of already-normalised projections is fine); otherwise used as is.
-    memory_mask: optional [M] bool, False for memory rows that are not negatives (the unfilled
-    slots of a queue that starts empty). Their logits get -LARGE_NUM, as the self-similarity
-    does, so they add exactly nothing to the softmax: the loss equals the loss with only the
-    True rows as memory (and the loss without memory when all are False).
+    memory: optional [M, D] extra negatives (SimCLRv2's queue), the same on every replica, never a
+    positive, without gradient; L2-normalised here with `normalize` (idempotent). memory_mask:
+    optional [M] bool, False for rows that are not negatives (a queue's unfilled slots): their
+    logits get -LARGE_NUM and add exactly nothing to the softmax.
 
     Returns (loss, metrics): 'contrast_acc' is the fraction of z_a views whose most similar z_b
     view is their positive (argmax of the a->b logits), 'contrast_entropy' the mean entropy of
     softmax(a->b logits), both over the global batch, as the reference logs them.
     """
+    _check_contrastive_inputs(z_a, z_b, temperature, memory, memory_mask)
+    z_a = z_a.astype(jnp.float32)
+    z_b = z_b.astype(jnp.float32)
+    if normalize:
+        z_a, z_b = l2_normalize(z_a), l2_normalize(z_b)
+    scores = functools.partial(_scores, temperature=temperature)
+    logits_a, logits_b, labels = _pair_logits(z_a, z_b, scores, axis_name)
+    if memory is not None:
+        negatives, unused = _memory_negatives(memory, memory_mask, normalize)
+        logits_a.append(scores(z_a, negatives) - unused)
+        logits_b.append(scores(z_b, negatives) - unused)
+
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    loss_a = ce(jnp.concatenate(logits_a, axis=1), labels)
+    loss_b = ce(jnp.concatenate(logits_b, axis=1), labels)
+    loss = _global_mean(loss_a + loss_b, axis_name)
+    return loss, _contrast_metrics(logits_a[0], labels, axis_name)
+
+
+def _check_contrastive_inputs(z_a, z_b, temperature, memory, memory_mask) -> None:
     if z_a.ndim != 2 or z_a.shape != z_b.shape:
         raise ValueError(
             f"nt_xent: z_a and z_b must both be [batch, dim] of equal shape; got {z_a.shape} and "
@@ -102,42 +120,39 @@ def nt_xent(
             f"{None if memory is None else memory.shape}"
         )
 
-    z_a = z_a.astype(jnp.float32)
-    z_b = z_b.astype(jnp.float32)
-    if normalize:
-        z_a, z_b = l2_normalize(z_a), l2_normalize(z_b)
 
+def _scores(q: jax.Array, keys: jax.Array, *, temperature: float) -> jax.Array:
+    return jnp.matmul(q, keys.T, precision=lax.Precision.HIGHEST) / temperature
+
+
+def _pair_logits(z_a, z_b, scores, axis_name):
+    """([a->b, a->a], [b->a, b->b]) logits against every replica's views, and the labels (the
+    other view's global row); a view's own similarity is masked with -LARGE_NUM."""
     local_batch = z_a.shape[0]
     all_a = _gather_rows(z_a, axis_name)
     all_b = _gather_rows(z_b, axis_name)
     offset = 0 if axis_name is None else lax.axis_index(axis_name) * local_batch
     labels = offset + jnp.arange(local_batch)
     self_mask = jax.nn.one_hot(labels, all_a.shape[0], dtype=jnp.float32) * LARGE_NUM
-
-    def scores(q: jax.Array, keys: jax.Array) -> jax.Array:
-        return jnp.matmul(q, keys.T, precision=lax.Precision.HIGHEST) / temperature
-
     logits_ab = scores(z_a, all_b)
     logits_ba = scores(z_b, all_a)
     logits_aa = scores(z_a, all_a) - self_mask
     logits_bb = scores(z_b, all_b) - self_mask
-    logits_a = [logits_ab, logits_aa]
-    logits_b = [logits_ba, logits_bb]
-    if memory is not None:
-        negatives = lax.stop_gradient(memory.astype(jnp.float32))
-        if normalize:
-            negatives = l2_normalize(negatives)
-        unused = 0.0
-        if memory_mask is not None:
-            unused = (1.0 - memory_mask.astype(jnp.float32)) * LARGE_NUM
-        logits_a.append(scores(z_a, negatives) - unused)
-        logits_b.append(scores(z_b, negatives) - unused)
+    return [logits_ab, logits_aa], [logits_ba, logits_bb], labels
 
-    ce = optax.softmax_cross_entropy_with_integer_labels
-    loss_a = ce(jnp.concatenate(logits_a, axis=1), labels)
-    loss_b = ce(jnp.concatenate(logits_b, axis=1), labels)
-    loss = _global_mean(loss_a + loss_b, axis_name)
 
+def _memory_negatives(memory, memory_mask, normalize: bool):
+    """The queue as extra negatives (no gradient) and what masks its unused rows out."""
+    negatives = lax.stop_gradient(memory.astype(jnp.float32))
+    if normalize:
+        negatives = l2_normalize(negatives)
+    unused = 0.0
+    if memory_mask is not None:
+        unused = (1.0 - memory_mask.astype(jnp.float32)) * LARGE_NUM
+    return negatives, unused
+
+
+def _contrast_metrics(logits_ab, labels, axis_name) -> dict[str, jax.Array]:
     correct = jnp.argmax(logits_ab, axis=1) == labels
     log_probs = jax.nn.log_softmax(logits_ab, axis=1)
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=1)
@@ -145,7 +160,7 @@ def nt_xent(
         "contrast_acc": _global_mean(correct.astype(jnp.float32), axis_name),
         "contrast_entropy": _global_mean(entropy, axis_name),
     }
-    return loss, jax.tree.map(lax.stop_gradient, metrics)
+    return jax.tree.map(lax.stop_gradient, metrics)
 
 
 def softmax_cross_entropy(

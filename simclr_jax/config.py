@@ -60,6 +60,9 @@ def model_config() -> ConfigDict:
     c.ft_proj_selector = 0
     c.zero_init_logits_layer = False  # start the classifier at zero.
     c.fine_tune_after_block = -1  # freeze stages up to k: -1 none, 0 stem, 1..4 block groups.
+    # fine_tune_after_block=4 with ft_proj_selector >= 1: False (the reference) trains the head
+    # layers up to the selector too; True trains only the classifier (finetune_model_config).
+    c.freeze_head_in_linear_eval = False
     c.global_bn = True  # BatchNorm statistics over all replicas (the reference default).
     return c
 
@@ -156,8 +159,13 @@ def finetune_model_config() -> ConfigDict:
     c.ft_proj_selector = 0
     c.zero_init_logits_layer = False  # start the new classifier at zero (reference linear eval).
     # Freeze stem..block_group<k> (no updates, BN in inference mode): -1 none, 4 = the whole
-    # backbone, i.e. linear evaluation (then the head layers are frozen too).
+    # backbone, i.e. linear evaluation (see freeze_head_in_linear_eval for the head).
     c.fine_tune_after_block = -1
+    # Linear evaluation from a head layer (fine_tune_after_block=4, ft_proj_selector >= 1):
+    # False (the reference) = the head layers up to the selector still train, their BN in
+    # training mode (the reference stops the gradient only at the ResNet output); True = only
+    # the classifier trains, on the inference-mode output of the frozen network (a linear probe).
+    c.freeze_head_in_linear_eval = False
     c.global_bn = True  # BatchNorm statistics over all replicas.
     return c
 

@@ -16,8 +16,11 @@ checkpoint's (data/stage_data.match_channels), and an auto CIFAR stem stays the 
 
 Frozen means frozen (models.frozen_tree): frozen parameters get exactly zero updates, frozen
 stages run BatchNorm in inference mode and keep their statistics bit for bit; head layers above
-the selector feed nothing and are frozen too. Linear evaluation runs the whole network in
-inference mode and trains only the classifier, on fixed features of the chosen layer.
+the selector feed nothing and are frozen too. Linear evaluation (fine_tune_after_block=4) from a
+head layer trains the head layers up to the selector with the classifier, their BN in training
+mode, as the reference (it stops the gradient only at the ResNet output); with
+model.freeze_head_in_linear_eval it runs the whole network in inference mode and trains only the
+classifier, on fixed features of the chosen layer.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ from simclr_jax.train.state import TrainState, averaged_update, fine_tune_state
 
 def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict, *, precropped=False):
     """Per-replica step: one crop+flip view, cross-entropy, grads averaged over replicas."""
-    linear_eval = config.model.fine_tune_after_block == LINEAR_EVAL_BLOCK
+    # A linear probe on fixed features (freeze_head_in_linear_eval): the whole network in
+    # inference mode. Otherwise frozen stages still run BN in inference mode (the model), and the
+    # trainable head layers in training mode, as the reference.
+    fixed_features = (
+        config.model.fine_tune_after_block == LINEAR_EVAL_BLOCK
+        and config.model.freeze_head_in_linear_eval
+    )
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         images = views.finetune_view(config, state.step, batch["image"], precropped=precropped)
@@ -45,7 +54,7 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict, *, pr
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            if linear_eval:  # fixed features: the whole network in inference mode
+            if fixed_features:
                 out, batch_stats = model.apply(variables, images, train=False), state.batch_stats
             else:
                 out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])

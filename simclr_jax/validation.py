@@ -82,6 +82,13 @@ def check_model(model: ml_collections.ConfigDict, image_size: int) -> None:
         "True or False",
         model.global_bn,
     )
+    freeze_head = fields.pop("freeze_head_in_linear_eval", False)
+    require(
+        isinstance(freeze_head, bool),
+        "model.freeze_head_in_linear_eval",
+        "True or False",
+        freeze_head,
+    )
     if fields.get("cifar_stem") is None:
         fields["cifar_stem"] = image_size <= 32
     validate_model_fields(fields, image_size=image_size)

@@ -128,8 +128,17 @@ def test_frozen_tree_freezes_stages_unused_head_layers_and_all_but_the_classifie
         "head/dense2",
         "head/bn2",
     }
+    # Linear evaluation from head layer 1: the reference trains that layer with the classifier;
+    # freeze_head_in_linear_eval trains the classifier alone.
     linear = frozen_tree(params, fine_tune_after_block=4, ft_proj_selector=1)
-    assert paths_where(linear, False) == {"classifier/kernel", "classifier/bias"}
+    assert paths_where(linear, False) == {
+        "classifier/kernel", "classifier/bias", "head/dense1/kernel", "head/bn1/scale",
+        "head/bn1/bias",
+    }  # fmt: skip
+    probe = frozen_tree(
+        params, fine_tune_after_block=4, ft_proj_selector=1, freeze_head_in_linear_eval=True
+    )
+    assert paths_where(probe, False) == {"classifier/kernel", "classifier/bias"}
     stats = frozen_tree(variables["batch_stats"], fine_tune_after_block=-1, ft_proj_selector=0)
     assert {"/".join(p.split("/")[:2]) for p in paths_where(stats, True)} == {
         "head/bn1",
@@ -137,13 +146,31 @@ def test_frozen_tree_freezes_stages_unused_head_layers_and_all_but_the_classifie
     }
 
 
-def test_linear_evaluation_changes_only_the_classifier():
-    """After steps of linear evaluation every backbone and head parameter and every BN statistic
-    is bit-identical; the classifier moved."""
+# Linear evaluation from head layer 1 of the tiny 2-layer head: what changes. The reference stops
+# the gradient only at the ResNet output (tf2/resnet.py), so head layer 1 trains with the
+# classifier, its BN in training mode (its statistics move); the backbone (trainable=False: no
+# update, BN in inference mode) and head layer 2 (it feeds nothing; the reference would still
+# shrink its kernel by the L2 term, ours keeps it frozen) stay bit-identical.
+REFERENCE_LINEAR_EVAL = {
+    "params": {"classifier", "head/dense1", "head/bn1"},
+    "batch_stats": {"head/bn1"},
+}
+CLASSIFIER_ONLY = {"params": {"classifier"}, "batch_stats": set()}
+
+
+@pytest.mark.parametrize(
+    "freeze_head,changed", [(False, REFERENCE_LINEAR_EVAL), (True, CLASSIFIER_ONLY)]
+)
+def test_linear_evaluation_from_a_head_layer_changes_what_the_reference_changes(
+    freeze_head, changed
+):
+    """After two steps exactly the expected parameters and BN statistics moved (every leaf under
+    them), and every other one is bit-identical."""
     config = load_config(
         "finetune_fashion_mnist.py", "tiny_supervised", "--config.model.fine_tune_after_block=4",
         "--config.model.ft_proj_selector=1", "--config.optim.name=momentum",
         "--config.optim.weight_decay=0.01", "--config.optim.base_lr=1.0",
+        f"--config.model.freeze_head_in_linear_eval={freeze_head}",
     )  # fmt: skip
     config = encoder.resolve_model(config, "model", None)
     model = build_model(config.model, num_classes=10, image_size=28, axis_name="data")
@@ -180,12 +207,16 @@ def test_linear_evaluation_changes_only_the_classifier():
     for collection in ("params", "batch_stats"):
         before = jax.tree_util.tree_flatten_with_path(getattr(state, collection))[0]
         after = jax.tree.leaves(getattr(new, collection))
+        moved = set()
         for (path, old), updated in zip(before, after, strict=True):
-            name = jax.tree_util.keystr(path)
-            if "classifier" in name:
+            name = "/".join(str(k.key) for k in path)
+            module = name.rsplit("/", 1)[0]  # e.g. head/bn1 for head/bn1/scale
+            if module in changed[collection]:
                 assert not np.array_equal(old, updated), name
+                moved.add(module)
             else:
                 np.testing.assert_array_equal(old, updated, err_msg=name)
+        assert moved == changed[collection], collection
 
 
 def test_knn_monitor_matches_brute_force_numpy():
@@ -314,4 +345,5 @@ def test_finetune_model_config_covers_every_model_field():
     assert set(base.finetune_model_config()) == set(base.model_config())
     assert inherited == {
         "ft_proj_selector", "zero_init_logits_layer", "fine_tune_after_block", "global_bn",
+        "freeze_head_in_linear_eval",
     }  # fmt: skip

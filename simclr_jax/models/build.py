@@ -103,6 +103,11 @@ def build_model(
     fields.update(overrides)
     global_bn = fields.pop("global_bn", True)
     _require(isinstance(global_bn, bool), "global_bn", "True or False", global_bn)
+    # What trains is the run's business (models.frozen_tree), not the network's.
+    freeze_head = fields.pop("freeze_head_in_linear_eval", False)
+    _require(
+        isinstance(freeze_head, bool), "freeze_head_in_linear_eval", "True or False", freeze_head
+    )
     if not global_bn:
         axis_name = None
     fields.update(num_classes=num_classes, axis_name=axis_name, dtype=jnp.dtype(dtype))

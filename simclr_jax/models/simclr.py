@@ -145,15 +145,23 @@ def frozen_mask(tree: Any, fine_tune_after_block: int) -> Any:
 LINEAR_EVAL_BLOCK = len(STAGE_NAMES) - 1  # fine_tune_after_block that freezes the whole backbone
 
 
-def frozen_tree(tree: Any, *, fine_tune_after_block: int, ft_proj_selector: int) -> Any:
+def frozen_tree(
+    tree: Any,
+    *,
+    fine_tune_after_block: int,
+    ft_proj_selector: int,
+    freeze_head_in_linear_eval: bool = False,
+) -> Any:
     """Pytree of bools over params or batch_stats: True where a run must not change a value.
 
     Frozen: backbone stages up to fine_tune_after_block (frozen_mask); projection-head layers
     above ft_proj_selector (they feed nothing; none with -1, the last layer); and, for linear
-    evaluation (fine_tune_after_block=4), everything but the classifier.
+    evaluation (fine_tune_after_block=4) with freeze_head_in_linear_eval, everything but the
+    classifier. Without it (the reference) linear evaluation trains the head layers up to the
+    selector, as the reference stops the gradient only at the ResNet output.
     """
     backbone = frozen_mask(tree, fine_tune_after_block)
-    linear_eval = fine_tune_after_block == LINEAR_EVAL_BLOCK
+    linear_eval = fine_tune_after_block == LINEAR_EVAL_BLOCK and freeze_head_in_linear_eval
 
     def frozen(path: tuple[Any, ...], in_frozen_stage: bool) -> bool:
         names = [jax.tree_util.keystr((key,), simple=True) for key in path]

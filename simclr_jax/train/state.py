@@ -90,4 +90,5 @@ def _frozen(model_config: Any, tree: Any) -> Any:
         tree,
         fine_tune_after_block=model_config.fine_tune_after_block,
         ft_proj_selector=model_config.ft_proj_selector,
+        freeze_head_in_linear_eval=model_config.get("freeze_head_in_linear_eval", False),
     )

@@ -72,7 +72,7 @@ def test_reference_recipes():
     )
     v2 = parse([f"--config={CONFIGS / 'pretrain_imagenet.py'}:r152_3x_sk1"])
     assert (v2.model.depth, v2.model.width_multiplier, v2.model.sk_ratio) == (152, 3, 0.0625)
-    assert v2.model.num_proj_layers == 3
+    assert v2.model.num_proj_layers == 3 and v2.augment.brightness == "multiplicative"
     v1 = parse([f"--config={CONFIGS / 'pretrain_imagenet.py'}"])
     assert (v1.batch_size, v1.optim.base_lr, v1.loss.temperature, v1.num_epochs) == (
         4096,
@@ -80,6 +80,54 @@ def test_reference_recipes():
         0.1,
         100,
     )
+    assert v1.augment.brightness == "additive"  # SimCLR v1's brightness
+
+
+# The reference's step counts (google-research/simclr tf2/model.py): get_train_steps gives
+# total = N * epochs // B + 1; WarmUpAndCosineDecay gives warmup = int(round(warmup_epochs * N // B)).
+# N is the training split (or labelled subset) of each preset's dataset, from the tfds catalogue:
+# Fashion-MNIST 60,000 (1%: 600, 10%: 6,000 class-stratified), CIFAR-10 50,000, ImageNet
+# 1,281,167, imagenet2012_subset 1pct 12,811 and 10pct 128,116. Totals and warmups worked out
+# by hand from the presets' documented batch sizes and epochs.
+PRESET_STEPS = [
+    # file, preset, N, B, epochs, warmup epochs, total steps, warmup steps
+    ("pretrain_fashion_mnist", "demo", 60_000, 256, 2, 0.2, 469, 46),
+    ("pretrain_fashion_mnist", "resnet18", 60_000, 512, 200, 10, 23_438, 1_171),
+    ("finetune_fashion_mnist", "demo_1pct", 600, 60, 60, 0, 601, 0),
+    ("finetune_fashion_mnist", "linear_eval", 60_000, 512, 100, 0, 11_719, 0),
+    ("finetune_fashion_mnist", "1pct", 600, 64, 60, 0, 563, 0),
+    ("finetune_fashion_mnist", "10pct", 6_000, 256, 30, 0, 704, 0),
+    ("distill_fashion_mnist", "self", 60_000, 256, 30, 1, 7_032, 234),
+    ("pretrain_cifar10", "reference", 50_000, 512, 1000, 10, 97_657, 976),
+    ("pretrain_cifar10", "small_batch", 50_000, 256, 1000, 10, 195_313, 1_953),
+    ("pretrain_imagenet", "v1", 1_281_167, 4096, 100, 10, 31_279, 3_127),
+    ("pretrain_imagenet", "r50_1x_sk0", 1_281_167, 4096, 800, 10, 250_228, 3_127),
+    ("finetune_imagenet", "linear_eval", 1_281_167, 4096, 90, 0, 28_151, 0),
+    ("finetune_imagenet", "1pct", 12_811, 1024, 60, 0, 751, 0),
+    ("finetune_imagenet", "10pct", 128_116, 1024, 30, 0, 3_754, 0),
+]
+
+
+@pytest.mark.parametrize("name,preset,n,batch,epochs,warmup,total_steps,warmup_steps", PRESET_STEPS)
+def test_preset_step_counts_are_the_reference_formula(
+    name, preset, n, batch, epochs, warmup, total_steps, warmup_steps
+):
+    from simclr_jax import optim
+
+    config = module(name).get_config(preset)
+    # The row describes the preset (so the hand-worked counts are about this config) ...
+    assert (config.batch_size, config.num_epochs, config.optim.warmup_epochs) == (
+        batch,
+        epochs,
+        warmup,
+    )
+    assert config.num_steps == 0  # counted from epochs, not overridden
+    # ... and the hand-worked counts are the reference formula ...
+    assert total_steps == n * epochs // batch + 1
+    assert warmup_steps == int(round(warmup * n // batch))
+    # ... which is what a run of the preset gets.
+    schedule = optim.train_schedule(config, n)
+    assert (schedule.total_steps, schedule.warmup_steps) == (total_steps, warmup_steps)
 
 
 CLI = """

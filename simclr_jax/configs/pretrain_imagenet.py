@@ -10,7 +10,8 @@ width (the width multiplier, default 1), sk=0|1 (selective kernels, default 0); 
 `:version=2,depth=101,width=2,sk=1` is the preset r101_2x_sk1.
 Presets:
   v1 (default)         SimCLR v1: ResNet-50 1x, 2-layer head, batch 4096, LARS lr 0.3 (linear scaling),
-                       weight decay 1e-6, temperature 0.1, 100 epochs, blur on. The paper reports 69.3%
+                       weight decay 1e-6, temperature 0.1, 100 epochs, blur on, v1's additive
+                       brightness (the released code uses v2's multiplicative one for every run). The paper reports 69.3%
                        linear-eval top-1 for 1000 epochs (about 64-66% at 100 epochs).
   rDEPTH_Wx_skS        SimCLRv2 (r50_1x_sk0 ... r152_3x_sk1): 3-layer head, batch 4096, LARS lr 0.1 with
                        sqrt scaling (6.4), weight decay 1e-4, temperature 0.1, 800 epochs;
@@ -58,6 +59,7 @@ def get_config(arg: str | None = None):
     c.model.width_multiplier = a.width
     c.model.sk_ratio = 0.0625 if a.sk else 0.0
     if a.version == 1:
+        c.augment.brightness = "additive"  # SimCLR v1's x + U[-0.8s, 0.8s] (impl='simclrv1')
         c.model.num_proj_layers = 2
         c.optim.base_lr = 0.3
         c.optim.lr_scaling = "linear"

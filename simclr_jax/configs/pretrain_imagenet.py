@@ -11,8 +11,9 @@ width (the width multiplier, default 1), sk=0|1 (selective kernels, default 0); 
 Presets:
   v1 (default)         SimCLR v1: ResNet-50 1x, 2-layer head, batch 4096, LARS lr 0.3 (linear scaling),
                        weight decay 1e-6, temperature 0.1, 100 epochs, blur on, v1's additive
-                       brightness (the released code uses v2's multiplicative one for every run). The paper reports 69.3%
-                       linear-eval top-1 for 1000 epochs (about 64-66% at 100 epochs).
+                       brightness (the released code uses v2's multiplicative one for every run).
+                       The paper reports 69.3% linear-eval top-1 for 1000 epochs (about 64-66% at
+                       100 epochs).
   rDEPTH_Wx_skS        SimCLRv2 (r50_1x_sk0 ... r152_3x_sk1): 3-layer head, batch 4096, LARS lr 0.1 with
                        sqrt scaling (6.4), weight decay 1e-4, temperature 0.1, 800 epochs;
                        sk1 = selective kernels with ratio 0.0625 (and the ResNet-D stem and shortcut).

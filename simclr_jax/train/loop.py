@@ -36,7 +36,7 @@ def guard_nonfinite(step_fn: Callable, *, skip: bool) -> Callable:
     def guarded(state, *inputs):
         new_state, step_metrics = step_fn(state, *inputs)
         finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(
-            optax.global_norm(new_state.params)
+            optax.tree.norm(new_state.params)
         )
         step_metrics = dict(step_metrics, nonfinite=1.0 - finite.astype(jnp.float32))
         if skip:

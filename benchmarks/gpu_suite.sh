@@ -323,7 +323,7 @@ parts = []
 if newest:
     parts.append(f"steps {max(step for step, _ in newest.values())}")
 for key, what, form in [
-    ("probe_top1", "probe top-1 (test)", "{:.2%}"),
+    ("eval_probe_top1", "probe top-1 (test)", "{:.2%}"),
     ("probe_acc", "probe accuracy (train batches)", "{:.2%}"),
     ("contrastive_loss", "contrastive loss", "{:.4g}"),
     ("images_per_sec", "images/s", "{:,.0f}"),

@@ -51,6 +51,11 @@ def run_stage(train_and_evaluate: Callable[..., dict[str, Any]], what: str) -> N
     flags.declare_key_flag("config")  # defined by ml_collections; listed as this stage's
     flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
     flags.DEFINE_integer("stop_at_step", None, "End this run at this step (rerun to resume).")
+    flags.DEFINE_bool(
+        "accept_config_changes",
+        False,
+        "Resume a workdir although the config changes the run (recorded in config_history.jsonl).",
+    )
     distributed.define_flags()
     flags.adopt_module_key_flags(distributed)
     flags.mark_flags_as_required(["config", "workdir"])
@@ -61,7 +66,10 @@ def run_stage(train_and_evaluate: Callable[..., dict[str, Any]], what: str) -> N
         distributed.initialize()
         values = flags.FLAGS
         results = train_and_evaluate(
-            values.config, values.workdir, stop_at_step=values.stop_at_step
+            values.config,
+            values.workdir,
+            stop_at_step=values.stop_at_step,
+            accept_config_changes=values.accept_config_changes,
         )
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
 

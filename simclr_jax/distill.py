@@ -79,7 +79,11 @@ def make_train_step(student: SimCLRModel, teacher: SimCLRModel, config, *, with_
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    accept_config_changes: bool = False,
 ) -> dict[str, Any]:
     """Distil the teacher into the student, resuming from `workdir`; returns the final metrics.
 
@@ -89,6 +93,12 @@ def train_and_evaluate(
     """
     validation.validate_distill(config)
     teacher_run = encoder.read_run(config.teacher_checkpoint, field="config.teacher_checkpoint")
+    if teacher_run.stage == "pretrain":
+        raise ValueError(
+            f"config.teacher_checkpoint={config.teacher_checkpoint!r} is a pretraining workdir: "
+            "its classifier is the online probe, not a teacher. Fine-tune it first (python -m "
+            "simclr_jax.finetune --config.init_checkpoint=...) and give that finetune workdir"
+        )
     init_run = None
     if config.init_checkpoint:
         init_run = encoder.read_run(config.init_checkpoint, field="config.init_checkpoint")
@@ -132,7 +142,10 @@ def train_and_evaluate(
         replicated=(teacher_variables,),
         evaluators=found,
     )
-    return runner.run(config, workdir, dp, stage, stop_at_step=stop_at_step)
+    return runner.run(
+        config, workdir, dp, stage,
+        stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -69,7 +69,11 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict, *, pr
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    accept_config_changes: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune (or train from scratch), resuming from `workdir`; returns the final metrics.
 
@@ -104,7 +108,10 @@ def train_and_evaluate(
         evaluators=evaluators.classifier_evaluators(dp, model, config, data),
         results={"num_labeled": data.num_examples},
     )
-    return runner.run(config, workdir, dp, stage, stop_at_step=stop_at_step)
+    return runner.run(
+        config, workdir, dp, stage,
+        stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

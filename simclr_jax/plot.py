@@ -55,7 +55,12 @@ class Panel:
 # same names with the 'train/' / 'eval/' prefixes that distinct train and eval names may take.
 PANELS = (
     Panel("Contrastive loss", ("contrastive_loss",), "NT-Xent loss"),
-    Panel("Online probe accuracy", ("probe_acc", "probe_top1"), "accuracy (%)", percent=True),
+    Panel(
+        "Online probe accuracy",
+        ("probe_acc", "probe_top1", "eval_probe_top1"),
+        "accuracy (%)",
+        percent=True,
+    ),
     Panel("kNN accuracy", ("knn_top1",), "accuracy (%)", percent=True),
     # Only evaluation names: a 'train/top1' is a training-batch accuracy.
     Panel("Evaluation top-1", ("eval_top1", "top1"), "accuracy (%)", True, ("", "eval/")),

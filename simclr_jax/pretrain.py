@@ -104,7 +104,11 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict):
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    accept_config_changes: bool = False,
 ) -> dict[str, Any]:
     """Pretrain, resuming from `workdir`; returns the final metrics (see runner.run)."""
     validation.validate_pretrain(config)
@@ -121,12 +125,15 @@ def train_and_evaluate(
             probe_schedule=probe_schedule, sharding=dp.replicated_sharding,
         )  # fmt: skip
 
-    probe = evaluators.exact_evaluators(dp, model, config, data, prefix="probe_")
+    probe = evaluators.exact_evaluators(dp, model, config, data, prefix="eval_probe_")
     stage = runner.Stage(
         "Pretraining", initial_state, make_train_step(model, config), data.batch_for_step,
         schedule, evaluators=probe,
     )  # fmt: skip
-    return runner.run(config, workdir, dp, stage, stop_at_step=stop_at_step)
+    return runner.run(
+        config, workdir, dp, stage,
+        stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

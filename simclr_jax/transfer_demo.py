@@ -93,7 +93,7 @@ def main(argv) -> None:
         pretrained = json.load(file)
     print(
         f"Pretraining {pretrain_dir}: {pretrained['step']} steps on Fashion-MNIST, its online "
-        f"probe {100 * pretrained.get('probe_top1', float('nan')):.1f}% on Fashion-MNIST test"
+        f"probe {100 * pretrained.get('eval_probe_top1', float('nan')):.1f}% on Fashion-MNIST test"
         + (f" (run here: {pretrain_minutes:.1f} min)" if pretrain_minutes else "")
     )
     print("\n| method | labels | steps | test top-1 | minutes |")

@@ -62,7 +62,7 @@ case "$1" in
         echo '{{"step": 1100, "contrastive_loss": 5.5, "probe_acc": 0.75, "learning_rate": 0.01}}'
         echo '{{"step": 1100, "steps_per_sec": 20.0, "images_per_sec": 10240.0}}'
         echo '{{"step": 1170, "contrastive_loss": 5.25, "probe_acc": 0.78125}}'
-        echo '{{"step": 1170, "probe_top1": 0.8125, "probe_top5": 0.99}}'
+        echo '{{"step": 1170, "eval_probe_top1": 0.8125, "eval_probe_top5": 0.99}}'
       }} >"$workdir/metrics.jsonl"
       [[ -z "$FAKE_SLOW_PRETRAIN" ]] || exec sleep 60
     elif [[ "$2" == simclr_jax.plot ]]; then

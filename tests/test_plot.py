@@ -77,11 +77,11 @@ def test_real_run_series_match_the_metrics_file(tiny_run, tmp_path):
     assert png_size(tmp_path / "sub" / "c.png")[0] == round(4.2 * len(figure.axes) * DPI)
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     expected_loss = {r["step"]: r["contrastive_loss"] for r in records if "contrastive_loss" in r}
-    probe_top1 = {r["step"]: r["probe_top1"] for r in records if "probe_top1" in r}
+    probe_top1 = {r["step"]: r["eval_probe_top1"] for r in records if "eval_probe_top1" in r}
     lines = lines_by_label(figure)
     steps, values = lines["contrastive_loss"]
     assert dict(zip(steps.tolist(), values.tolist(), strict=True)) == expected_loss
-    steps, values = lines["probe_top1"]  # a fraction in the file, percent on the axis
+    steps, values = lines["eval_probe_top1"]  # a fraction in the file, percent on the axis
     assert steps.tolist() == [3]
     np.testing.assert_allclose(values, [100 * probe_top1[3]])
 

@@ -40,7 +40,7 @@ def test_cli_runs_and_leaves_a_complete_workdir(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["step"] == 3
-    assert 0.0 <= results["probe_top1"] <= 1.0
+    assert 0.0 <= results["eval_probe_top1"] <= 1.0
     assert (tmp_path / "config.json").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
         "2",

@@ -34,6 +34,6 @@ def test_imagenet_pretraining_streams_two_host_crops_per_image():
         step = runner.map_step(dp, pretrain.make_train_step(model, config), skip_nonfinite=False)
         state, metrics = step(dp.replicate(state), batch)
         assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
-        probe = evaluators.exact_evaluators(dp, model, config, data, prefix="probe_")[0](state)
+        probe = evaluators.exact_evaluators(dp, model, config, data, prefix="eval_probe_")[0](state)
     # The mock validation split has 20 examples: padded to 24, every real one counted once.
-    assert probe["probe_count"] == 20
+    assert probe["eval_probe_count"] == 20

@@ -224,8 +224,8 @@ def test_checkpoint_of_another_architecture_names_the_paths(tmp_path):
             "params/backbone/block_group1/block1/conv1/kernel "
             "(checkpoint (3, 3, 4, 4), model (3, 3, 8, 8))"
         ),
-    ):
-        pretrain.train_and_evaluate(wider, str(tmp_path))
+    ):  # (accepted: without the flag the config check refuses first, naming model.base_width)
+        pretrain.train_and_evaluate(wider, str(tmp_path), accept_config_changes=True)
 
 
 def test_unreadable_images_are_skipped_or_fatal(tmp_path):

@@ -291,6 +291,14 @@ def write_results_json(
     return _write_atomically(path, json.dumps(record, indent=2))
 
 
+def read_results_json(workdir: epath.PathLike) -> dict[str, Any] | None:
+    """The workdir's results.json as written by write_results_json, or None if there is none."""
+    path = epath.Path(workdir) / RESULTS_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
 def write_config(
     workdir: epath.PathLike, config: Any, *, is_main: bool | None = None
 ) -> epath.Path:

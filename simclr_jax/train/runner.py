@@ -2,10 +2,12 @@
 
 A stage (pretrain, finetune, distill) builds its pieces, a `Stage`: how to make the initial state,
 the per-replica step and its extra replicated inputs, the batch of each step, the evaluators, the
-schedule and the length. `run` does the rest the same way for all of them: the checkpoint manager,
-restore or initialise, the mapped step (with the non-finite guard, built once), writers and
-progress, the step loop (train/loop.py), stop requests all processes agree on
-(train/preemption.py), evaluation, results; and it closes everything on every exit path.
+schedule and the length. `run` does the rest the same way for all of them: the workdir lock, the
+checkpoint manager, the comparison of a resumed run's config with the checkpoint's, restore or
+initialise, the mapped step (with the non-finite guard, built once), writers and progress, the
+step loop (train/loop.py), stop requests all processes agree on (train/preemption.py),
+evaluation, results; and it closes everything on every exit path. A full disk ends the run with
+one line saying so (train/disk_space.py); a finished run rerun returns its saved results.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import jax
 import ml_collections
 
 from simclr_jax import optim, parallel
-from simclr_jax.train import checkpoint, loop, metrics, preemption
+from simclr_jax.train import checkpoint, config_history, disk_space, loop, metrics, preemption
+from simclr_jax.train.workdir_lock import WorkdirLock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,32 +60,70 @@ def run(
     stage: Stage,
     *,
     stop_at_step: int | None = None,
+    accept_config_changes: bool = False,
 ) -> dict[str, Any]:
     """Train `stage` in `workdir`, resuming from its newest checkpoint; returns the results.
 
     config fields read: keep_checkpoints, checkpoint_every_steps, log_every_steps,
     eval_every_steps, batch_size, nonfinite (and the whole config is saved with every
     checkpoint and as config.json). stop_at_step ends this run early, with a checkpoint.
+    A resumed run whose config alters the run is refused unless accept_config_changes
+    (train/config_history.py).
     """
-    with contextlib.ExitStack() as exits:
-        ckpt = exits.enter_context(
-            checkpoint.CheckpointManager(workdir, keep=config.keep_checkpoints, config=config)
-        )
-        exits.callback(ckpt.wait)  # runs before close, also when the run fails
-        state = _restore_or_initialise(ckpt, stage, workdir)
-        start_step = int(state.step)
-        state = dp.replicate(state)
-        metrics.write_config(workdir, config)
-        stops = exits.enter_context(preemption.StopRequests(start_step))
-        writer = metrics.create_writer(workdir, is_main=jax.process_index() == 0)
-        exits.callback(writer.close)
-        step_loop = _step_loop(config, workdir, dp, stage, ckpt, writer, stops, stop_at_step)
-        _log_start(stage, config, dp, start_step, step_loop.settings.end_step)
-        _, results = step_loop.run(state, start_step)
-        ckpt.wait()  # while stop requests are still caught: the last save completes
+    ckpt = None
+    try:
+        with contextlib.ExitStack() as exits:
+            exits.enter_context(WorkdirLock(workdir))  # first: nothing else touches a live run
+            ckpt = exits.enter_context(
+                checkpoint.CheckpointManager(workdir, keep=config.keep_checkpoints, config=config)
+            )
+            exits.callback(ckpt.wait)  # runs before close, also when the run fails
+            _check_config(ckpt, config, workdir, accept_config_changes)
+            results = _run(config, workdir, dp, stage, ckpt, exits, stop_at_step)
+    except Exception as error:
+        if disk_space.is_disk_full(error):
+            latest = None
+            with contextlib.suppress(Exception):  # the manager may be closed: best effort
+                latest = ckpt.latest_step()
+            raise disk_space.disk_full_error(workdir, latest) from error
+        raise
     results.update(stage.results)
     metrics.write_results_json(workdir, results, results["step"])
     return results
+
+
+def _run(config, workdir, dp, stage, ckpt, exits, stop_at_step) -> dict[str, Any]:
+    """Restore or initialise, then the loop; the results of this run's last step."""
+    state = _restore_or_initialise(ckpt, stage, workdir)
+    start_step = int(state.step)
+    if start_step >= stage.schedule.total_steps:
+        logging.info("%s already finished at step %d in %s", stage.name, start_step, workdir)
+        return metrics.read_results_json(workdir) or {"step": start_step}
+    # The steps after the checkpoint run again (all of them if a run died before its first
+    # checkpoint): their records from before go, so metrics.jsonl keeps each step once.
+    metrics.drop_steps_after(workdir, start_step)
+    state = dp.replicate(state)
+    metrics.write_config(workdir, config)
+    stops = exits.enter_context(preemption.StopRequests(start_step))
+    writer = metrics.create_writer(workdir, is_main=jax.process_index() == 0)
+    exits.callback(writer.close)
+    step_loop = _step_loop(config, workdir, dp, stage, ckpt, writer, stops, stop_at_step)
+    _log_start(stage, config, dp, start_step, step_loop.settings.end_step)
+    _, results = step_loop.run(state, start_step)
+    ckpt.wait()  # while stop requests are still caught: the last save completes
+    return results
+
+
+def _check_config(ckpt, config, workdir: str, accept: bool) -> None:
+    """A resumed run's config against the newest checkpoint's (config_history.check_resume)."""
+    for step in reversed(ckpt.all_steps()):
+        try:
+            saved = ckpt.config(step)
+        except Exception:  # noqa: BLE001 - an unreadable step: the restore will set it aside
+            continue
+        new = checkpoint.config_to_json_dict(config)
+        config_history.check_resume(workdir, saved, new, step=step, accept=accept)
+        return
 
 
 def _restore_or_initialise(ckpt: checkpoint.CheckpointManager, stage: Stage, workdir: str) -> Any:

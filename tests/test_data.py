@@ -200,7 +200,7 @@ def test_tfds_mock_arrays_pipeline_and_missing_dataset(tmp_path):
 
         train = tfds_source.host_pipeline(
             "imagenet2012", "train", local_batch=3, image_size=12, train=True,
-            num_crops=2, shuffle_buffer=8,
+            num_crops=2,
         )  # fmt: skip
         batch = next(train)
         assert batch["image"].shape == (3, 2, 12, 12, 3) and batch["image"].dtype == np.uint8

@@ -1,5 +1,8 @@
 """Streamed training batches are a pure function of (seed, step): resumable, process-count free."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -74,3 +77,19 @@ def test_files_without_random_access_get_the_conversion_command():
         with pytest.raises(ValueError, match="tfds convert_format --dataset_version_dir=") as error:
             stream()
     assert "array_record" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_stream_left_open_does_not_hang_the_exit():
+    # A tf.data thread inside the reading function while Python shuts down used to hang it.
+    script = (
+        "import tensorflow_datasets as tfds\n"
+        "from simclr_jax.data.step_stream import StepStream\n"
+        "with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):\n"
+        "    stream = StepStream('imagenet2012', 'train', global_batch=8, image_size=16,\n"
+        "                        seed=0, num_crops=2).batches(0)\n"
+        "    next(stream)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

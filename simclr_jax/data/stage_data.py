@@ -1,9 +1,9 @@
 """A stage's data: its training batches (a function of the step) and its exact-evaluation batches.
 
-Fixed-size datasets live on the devices (pipeline.DeviceResidentData: batches are a function of
-(seed, step), so a resumed run sees exactly the batches it would have). Variable-size tfds datasets
-(ImageNet) stream through the host (tfds_source.host_pipeline): the host decodes and crops, and
-the stream restarts on resume (another, equally random, order).
+Fixed-size datasets live on the devices (pipeline.DeviceResidentData). Variable-size tfds datasets
+(ImageNet) stream through the host, which decodes and crops: training examples are read by index
+(step_stream.StepStream), evaluation in one pass (tfds_source.host_pipeline). Either way a step's
+batch is a function of (seed, step), so a resumed run sees exactly the batches it would have.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class StageData:
 def pretraining_data(config: ml_collections.ConfigDict, mesh: Any) -> StageData:
     """Pretraining: the labelled train split (the online probe reads its labels)."""
     if streaming.is_streamed(config.dataset):
-        return _streamed(config, mesh, num_crops=2, channels=None, size_required=False)
+        return _streamed(config, mesh, num_crops=2, channels=None)
     train = sources.load_split(config.dataset, config.dataset.train_split)
     if train.labels is None:
         raise ValueError("pretraining with the online probe needs a labeled train split")
@@ -59,7 +59,7 @@ def labeled_data(
                 "ImageNet use dataset.name='imagenet2012_subset/1pct' (or /10pct) with "
                 "label_fraction=1.0"
             )
-        return _streamed(config, mesh, num_crops=1, channels=channels, size_required=True)
+        return _streamed(config, mesh, num_crops=1, channels=channels)
     train = sources.load_split(config.dataset, config.dataset.train_split)
     train = labeled_subset(train, config.label_fraction, config.label_seed)
     return _resident(config, mesh, match_channels(train, channels), channels)
@@ -166,10 +166,10 @@ def _streamed(
     *,
     num_crops: int,
     channels: int | None,
-    size_required: bool,
 ) -> StageData:
     """Variable-size tfds data: host-cropped batches, `num_crops` per image (2: one per view)."""
     from simclr_jax.data import tfds_source
+    from simclr_jax.data.step_stream import StepStream
 
     dataset = config.dataset
     info = tfds_source.dataset_info(dataset.name, data_dir=dataset.data_dir)
@@ -179,12 +179,6 @@ def _streamed(
             f"{dataset.name!r} has {have}-channel images but the config.init_checkpoint network "
             f"expects {channels}; channels are converted only for in-memory datasets"
         )
-    num_examples = _split_size(info, dataset.train_split)
-    if size_required and num_examples is None:
-        raise ValueError(
-            f"dataset.train_split {dataset.train_split!r} of {dataset.name!r} is unknown or not "
-            f"prepared: run `tfds build {dataset.name}`"
-        )
     local = functools.partial(
         tfds_source.host_pipeline,
         dataset.name,
@@ -192,11 +186,13 @@ def _streamed(
         data_dir=dataset.data_dir,
     )
     processes = jax.process_count()
-    train = local(
+    train = StepStream(
+        dataset.name,
         dataset.train_split,
-        local_batch=config.batch_size // processes,
-        train=True,
+        global_batch=config.batch_size,
+        image_size=dataset.image_size,
         seed=config.seed,
+        data_dir=dataset.data_dir,
         num_crops=num_crops,
         crop_min_area=config.augment.crop_min_area,
     )
@@ -208,18 +204,10 @@ def _streamed(
         return (data_pipeline.to_global_batch(batch, mesh) for batch in batches)
 
     return StageData(
-        num_examples=num_examples,
+        num_examples=train.num_examples,  # the data source's length: known for every split
         num_classes=int(info.features["label"].num_classes),
         channels=have,
-        batch_for_step=lambda step: data_pipeline.to_global_batch(next(train), mesh),
+        batch_for_step=lambda step: data_pipeline.to_global_batch(train.batch(step), mesh),
         eval_batches=eval_batches if dataset.eval_split else None,
         precropped=True,
     )
-
-
-def _split_size(info: Any, split: str) -> int | None:
-    """Examples in `split` as tfds records them; None when it does not."""
-    try:
-        return info.splits[split].num_examples
-    except (KeyError, ValueError):
-        return None

@@ -10,11 +10,15 @@ process count, and the random crops are seeded by (seed, global position) for th
 
 Decoding and cropping still run in tf.data (parallel, deterministic), a few steps ahead of the
 trainer. `batch(step)` serves consecutive steps from that stream and restarts it at any other step.
+Streams still open when Python exits are closed first (atexit): a tf.data thread caught inside
+the reading function during interpreter shutdown would hang the process.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,6 +27,13 @@ from simclr_jax.data import tfds_source
 from simclr_jax.data.pipeline import epoch_permutation
 
 _ENDLESS = 2**62  # the stream's last step: never reached
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # the iterators of every stream, closed at exit
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    for stream in list(_OPEN):
+        stream.close()
 
 
 def open_data_source(name: str, split: str, *, data_dir: str = ""):
@@ -173,4 +184,6 @@ class StepStream:
         ds = ds.map(load, num_parallel_calls=1, deterministic=True)  # reads in order
         ds = ds.unbatch().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(self.local_batch, drop_remainder=True).prefetch(self.prefetch)
-        return iter(tfds.as_numpy(ds))
+        stream = iter(tfds.as_numpy(ds))
+        _OPEN.add(stream)
+        return stream

@@ -168,54 +168,46 @@ def host_pipeline(
     seed: int = 0,
     num_crops: int = 1,
     crop_min_area: float = 0.08,
-    shuffle_buffer: int = 10_000,
+    start_step: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches of fixed-size uint8 crops of a (variable-size) tfds dataset.
 
-    train=True: files and examples shuffled from `seed`, repeated forever, `num_crops` independent
-    random-resized crops per image ('image' uint8 [b, S, S, C], or [b, num_crops, S, S, C] when
-    num_crops > 1: pretraining asks for 2, one per SimCLR view, and skips the crop on device).
+    train=True: the batches of steps start_step, start_step + 1, ... of step_stream.StepStream
+    (examples read by index in a (seed, epoch) permutation, so any step can be produced again),
+    `num_crops` independent random-resized crops per image ('image' uint8 [b, S, S, C], or
+    [b, num_crops, S, S, C] when num_crops > 1: pretraining asks for 2, one per SimCLR view, and
+    skips the crop on device). Trainers use StepStream itself (`batch(step)`).
     train=False: one pass, centre crop (0.875) and resize; the last batch is padded with zeros and
     'mask' (1 real, 0 padding) says which rows count. In multi-process runs every process yields
     the same number of batches (all-padding ones if its shard is shorter), so collectives match.
-    Each process reads its own shard (tfds.split_for_jax_process); `local_batch` is the global batch
-    divided by jax.process_count().
+    Each process reads its own rows (training) or shard (evaluation, tfds.split_for_jax_process);
+    `local_batch` is the global batch divided by jax.process_count().
     """
+    if train:
+        import jax
+
+        from simclr_jax.data.step_stream import StepStream
+
+        stream = StepStream(
+            name, split, global_batch=local_batch * jax.process_count(), image_size=image_size,
+            seed=seed, data_dir=data_dir, num_crops=num_crops, crop_min_area=crop_min_area,
+        )  # fmt: skip
+        return stream.batches(start_step)
     tf, tfds = _import_tfds()
-    if num_crops < 1:
-        raise ValueError(f"num_crops must be >= 1, got {num_crops}")
-    if not train and num_crops != 1:
+    if num_crops != 1:
         raise ValueError("num_crops applies to training; evaluation takes one centre crop")
     decoders = {"image": tfds.decode.SkipDecoding()}
-    local = _local_split(tfds, split)
-    ds, info = _as_dataset(
-        name, local, data_dir=data_dir, shuffle_files=train, seed=seed, decoders=decoders
-    )
+    ds, info = _as_dataset(name, _local_split(tfds, split), data_dir=data_dir, decoders=decoders)
     channels = info.features["image"].shape[-1] or 3
     has_label = "label" in info.features
 
-    def prepare(index, example):
-        image = _decode(tf, example["image"], channels)
-        if train:
-            key = tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
-            seeds = tf.random.experimental.stateless_split(key, num_crops)
-            crops = [
-                random_crop_uint8(tf, image, image_size, seeds[i], min_area=crop_min_area)
-                for i in range(num_crops)
-            ]
-            image = crops[0] if num_crops == 1 else tf.stack(crops)
-        else:
-            image = center_crop_uint8(tf, image, image_size)
+    def prepare(example):
+        image = center_crop_uint8(tf, _decode(tf, example["image"], channels), image_size)
         label = tf.cast(example["label"], tf.int32) if has_label else tf.constant(-1, tf.int32)
         return {"image": image, "label": label}
 
-    if train:
-        ds = ds.repeat().shuffle(shuffle_buffer, seed=seed)
-    ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=train).prefetch(tf.data.AUTOTUNE)
-    batches = tfds.as_numpy(ds)
-    if train:
-        return iter(batches)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = tfds.as_numpy(ds.batch(local_batch).prefetch(tf.data.AUTOTUNE))
     num_batches = _eval_batches_per_process(info, split, local_batch)
     empty = {
         "image": np.zeros((local_batch, image_size, image_size, channels), np.uint8),

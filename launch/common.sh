@@ -4,7 +4,7 @@
 
 # shellcheck disable=SC2034  # used by the scripts that source this file
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-STAGES=(pretrain finetune distill)
+STAGES=(pretrain finetune distill evaluate)  # evaluate: the job that evaluates a workdir's checkpoints
 DRY_RUN=0
 
 die() {

@@ -16,6 +16,10 @@ Commands:
   clone     git clone --repo URL [--ref REF] on every worker instead of copying
   setup     on every worker: launch/bootstrap_host.sh --accelerator tpu (venv, jax[tpu], package)
   run       start a stage on every worker in the background; STAGE_ARGS go to the stage
+  evaluate  start the evaluation job (python -m simclr_jax.evaluate) on one worker (--worker,
+            default 0), on its CPU beside the training job that holds the TPU chips; it
+            evaluates each new checkpoint of --workdir once and exits after the last step.
+            (On a TPU VM of its own: run --stage evaluate.) logs/stop --stage evaluate follow it
   logs      follow the stage's log on one worker (--worker, default 0; Ctrl-C stops following)
   stop      stop the stage on every worker
   ssh       an interactive shell on one worker (--worker, default 0)
@@ -30,9 +34,9 @@ Options:
                            v5e: v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e)
   --spot                   create: a Spot VM (cheaper, can be preempted; runs resume)
   --repo URL, --ref REF    clone: where the code comes from (default ref: main)
-  --stage STAGE            run/logs/stop: pretrain (default), finetune or distill
+  --stage STAGE            run/logs/stop: pretrain (default), finetune, distill or evaluate
   --cache-dir DIR          run: JAX compilation cache shared by the workers (e.g. gs://b/jax_cache)
-  --worker N               logs/ssh: which worker (default 0)
+  --worker N               logs/ssh/evaluate: which worker (default 0)
   --dry-run                print the commands instead of running them
   -h, --help               this message
 
@@ -43,6 +47,7 @@ Example (v4-32 = 4 hosts x 4 chips):
   launch/tpu_vm.sh run    --name simclr --zone us-central2-b -- \
       --config=simclr_jax/configs/pretrain_imagenet.py:r50_1x_sk0 --workdir=gs://BUCKET/r50 \
       --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
+  launch/tpu_vm.sh evaluate --name simclr --zone us-central2-b -- --workdir=gs://BUCKET/r50
   launch/tpu_vm.sh logs   --name simclr --zone us-central2-b
   launch/tpu_vm.sh delete --name simclr --zone us-central2-b
 EOF
@@ -51,7 +56,7 @@ EOF
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 case "$1" in
   -h | --help) usage; exit 0 ;;
-  create | copy | clone | setup | run | logs | stop | ssh | delete) COMMAND="$1"; shift ;;
+  create | copy | clone | setup | run | evaluate | logs | stop | ssh | delete) COMMAND="$1"; shift ;;
   *) die "unknown command '$1'" ;;
 esac
 
@@ -121,6 +126,13 @@ $(printf '%q' "$REPO_URL") $REMOTE_DIR"
     on_workers all "cd $REMOTE_DIR && mkdir -p ~/$LOG_DIR && $env_words nohup .venv/bin/python \
 -m simclr_jax.$STAGE $(remote_words "${STAGE_ARGS[@]}") > ~/$LOG_DIR/$STAGE.log 2>&1 < /dev/null & \
 echo \$! > ~/$LOG_DIR/$STAGE.pid"
+    ;;
+  evaluate)
+    [[ ${#STAGE_ARGS[@]} -gt 0 ]] || die "evaluate needs the job's flags after --, e.g. -- --workdir=gs://..."
+    # The chips belong to the training job: this process uses the host's CPU (JAX_PLATFORMS=cpu).
+    on_workers "$WORKER" "cd $REMOTE_DIR && mkdir -p ~/$LOG_DIR && JAX_PLATFORMS=cpu nohup \
+.venv/bin/python -m simclr_jax.evaluate $(remote_words "${STAGE_ARGS[@]}") > ~/$LOG_DIR/evaluate.log \
+2>&1 < /dev/null & echo \$! > ~/$LOG_DIR/evaluate.pid"
     ;;
   logs)
     on_workers "$WORKER" "tail -n 200 -F ~/$LOG_DIR/$STAGE.log"

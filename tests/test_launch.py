@@ -190,3 +190,21 @@ def test_slurm_submission_and_job_layouts():
     assert "JAX_COORDINATOR_PORT=5555" in one_task
     outside = launch("slurm_job.sh", *STAGE_ARGS, check=False, env={"SLURM_JOB_ID": ""})
     assert outside.returncode == 2 and "not inside a SLURM allocation" in outside.stderr
+
+
+def test_tpu_evaluation_job_runs_beside_the_training_job_on_one_worker():
+    (command,) = dry_run("tpu_vm.sh", "evaluate", *WHERE, "--worker", "1", "--dry-run",
+                         "--", "--workdir=gs://b/my run", "--timeout_s=3600")  # fmt: skip
+    assert command[:6] == [*TPU, "ssh", "simclr"] and "--worker=1" in command
+    remote = shlex.split(command[-1].removeprefix("--command="))
+    assert "JAX_PLATFORMS=cpu" in remote  # the chips belong to the training job
+    start = remote.index("-m")
+    assert remote[start : start + 4] == [
+        "-m", "simclr_jax.evaluate", "--workdir=gs://b/my run", "--timeout_s=3600",
+    ]  # fmt: skip
+    assert remote[-1].endswith("evaluate.pid")
+    (other_vm,) = dry_run("tpu_vm.sh", "run", *WHERE, "--stage", "evaluate", "--dry-run",
+                          "--", "--workdir=gs://b/r")  # fmt: skip
+    assert "simclr_jax.evaluate" in other_vm[-1] and "--worker=all" in other_vm
+    missing = launch("tpu_vm.sh", "evaluate", *WHERE, "--dry-run", check=False)
+    assert missing.returncode == 2 and "evaluate needs the job's flags" in missing.stderr

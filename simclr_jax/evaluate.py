@@ -1,0 +1,153 @@
+"""The evaluation job: every new checkpoint of a workdir evaluated once, beside its training run.
+
+    python -m simclr_jax.evaluate --workdir=/tmp/fm [--config=...] [--timeout_s=3600]
+
+As the reference's `--mode=eval` job: it polls the workdir, and for each new checkpoint reports
+the probe's exact top-1/top-5 and the kNN monitor (a pretraining run) or the classifier's exact
+top-1/top-5 and kNN (a fine-tuned or distilled run), under the metric names of the evaluation
+inside training, in `workdir/eval/` (metrics.jsonl, TensorBoard, results.json). It goes on where
+it stopped when restarted and exits after the run's final step (train/eval_job.py).
+
+It needs no config: the workdir's checkpoint says how the run was made. `--config` replaces that
+saved config, say to point dataset.data_dir elsewhere or to change eval_batch_size; the network
+always comes from the checkpoint. It only reads the training run's files, so it may run on
+another machine that sees the same workdir (a bucket), or on the training host's CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from simclr_jax import cli, encoder, optim, parallel
+from simclr_jax.data import stage_data
+from simclr_jax.train import checkpoint, eval_job, evaluators
+
+DEFAULT_K = 200  # pretraining configs have no knn block: the InstDisc monitor's defaults
+DEFAULT_TEMPERATURE = 0.1
+
+
+def build(
+    run: encoder.SavedRun, config: ml_collections.ConfigDict
+) -> tuple[Callable[[int], dict[str, Any]], int]:
+    """(evaluate_step(step) -> metrics, the run's final step) for `run`'s stage."""
+    if not config.dataset.eval_split:
+        raise ValueError(
+            f"{run.workdir} has no dataset.eval_split to evaluate on: give a --config with one"
+        )
+    dp = parallel.from_config(config, ("eval_batch_size",))
+    model = encoder.build_from_run(run, dtype=config.dtype)
+    size = config.dataset.image_size
+    if run.stage == "pretrain":
+        data = stage_data.pretraining_data(config, dp.mesh)
+        found = evaluators.exact_evaluators(dp, model, config, data, prefix="eval_probe_")
+        if data.train_arrays is not None and data.eval_arrays is not None:
+            knn = config.get("knn") or {}
+            found.append(
+                evaluators.KnnMonitor(
+                    dp,
+                    model,
+                    size,
+                    data.train_arrays,
+                    data.eval_arrays,
+                    batch_size=config.eval_batch_size,
+                    k=knn.get("k", DEFAULT_K),
+                    temperature=knn.get("temperature", DEFAULT_TEMPERATURE),
+                )  # fmt: skip
+            )
+    else:
+        if run.stage == "finetune":
+            data = stage_data.labeled_data(config, dp.mesh, channels=run.channels)
+        else:
+            data = stage_data.distillation_data(config, dp.mesh, run.num_classes)
+        found = evaluators.classifier_evaluators(dp, model, config, data)
+    final_step = optim.train_schedule(config, data.num_examples).total_steps
+    target = encoder.abstract_variables(model, run.image_size, run.channels)
+
+    def evaluate_step(step: int) -> dict[str, Any]:
+        variables = dp.replicate(checkpoint.restore_weights(run.workdir, target, step=step))
+        metrics: dict[str, Any] = {}
+        for evaluator in found:
+            metrics.update(evaluator(variables))
+        return metrics
+
+    return evaluate_step, final_step
+
+
+def wait_for_run(workdir: str, *, poll_s: float, timeout_s: float | None) -> encoder.SavedRun:
+    """The workdir's newest checkpoint, waiting for the first one (a run that just started)."""
+    start = time.monotonic()
+    while True:
+        try:
+            return encoder.read_run(workdir, field="--workdir")
+        except ValueError:
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                raise
+        time.sleep(poll_s)
+
+
+def evaluate_workdir(
+    workdir: str,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    poll_s: float = 30.0,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Evaluates each new checkpoint of `workdir` once until its final step; the last metrics.
+
+    `config` None: the config saved with the newest checkpoint. timeout_s: stop after that long
+    without a new checkpoint (None: wait for the final step however long it takes).
+    """
+    run = wait_for_run(workdir, poll_s=poll_s, timeout_s=timeout_s)
+    if config is None:
+        config = ml_collections.ConfigDict(run.config)
+    evaluate_step, final_step = build(run, config)
+    return eval_job.run(
+        workdir, evaluate_step, final_step=final_step, poll_s=poll_s, timeout_s=timeout_s
+    )
+
+
+def main() -> None:
+    """The command line (flags are defined here only, so importing this module defines none)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from simclr_jax import distributed
+
+    config_flags.DEFINE_config_file(
+        "config", None, "The run's config file (default: the one saved in the workdir).",
+        lock_config=True,
+    )  # fmt: skip
+    flags.declare_key_flag("config")
+    flags.DEFINE_string("workdir", None, "The training run's workdir (checkpoints are read here).")
+    flags.DEFINE_float("poll_s", 30.0, "Seconds between looks for a new checkpoint.")
+    flags.DEFINE_float(
+        "timeout_s", 0.0, "Stop after this long without a new checkpoint (0: wait for the end)."
+    )
+    distributed.define_flags()
+    flags.adopt_module_key_flags(distributed)
+    flags.mark_flags_as_required(["workdir"])
+
+    def job(argv: list[str]) -> None:
+        del argv
+        import logging
+
+        logging.getLogger().setLevel(logging.INFO)
+        distributed.initialize()
+        values = flags.FLAGS
+        results = evaluate_workdir(
+            values.workdir,
+            values.config,
+            poll_s=values.poll_s,
+            timeout_s=values.timeout_s or None,
+        )
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
+
+    cli.run(job)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ leading axis. Under pmap the replicated trees carry a leading device axis instea
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,27 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 BACKENDS = ("shard_map", "pmap")
+
+
+def use_cpu_devices(count: int | None = None) -> int:
+    """Split the CPU into `count` JAX devices (default: one per core this process may use).
+
+    Data parallelism across cores: each device computes its share of the batch and XLA:CPU runs
+    the devices side by side, which keeps every core busy through the small, memory-bound ops
+    that one multi-threaded device runs on one core. Numerics do not change (BatchNorm, NT-Xent
+    and gradients are global either way). Affects only the CPU backend; must run before JAX
+    initialises its backends (the first device query), as `python -m simclr_jax.demo` does.
+    Returns the count.
+    """
+    count = count or len(os.sched_getaffinity(0))
+    try:
+        jax.config.update("jax_num_cpu_devices", int(count))
+    except RuntimeError:
+        raise RuntimeError(
+            f"cannot split the CPU into {count} devices: JAX is already initialised in this "
+            "process; call parallel.use_cpu_devices before any JAX operation"
+        ) from None
+    return int(count)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

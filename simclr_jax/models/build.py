@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from simclr_jax.checks import is_int, is_number, require
+from simclr_jax.models import convnet
 from simclr_jax.models.heads import PROJ_HEAD_MODES, num_head_layers
 from simclr_jax.models.resnet import BLOCKS_PER_GROUP, total_stride
-from simclr_jax.models.simclr import FINE_TUNE_AFTER_BLOCK_RANGE, SimCLRModel
+from simclr_jax.models.simclr import BACKBONES, FINE_TUNE_AFTER_BLOCK_RANGE, SimCLRModel
 
 MODEL_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(SimCLRModel) if f.name not in ("parent", "name")
@@ -32,9 +33,23 @@ def validate_model_fields(fields: Mapping[str, Any], *, image_size: int) -> None
         raise ValueError(f"unknown model field(s) {unknown}; allowed fields: {list(MODEL_FIELDS)}")
     f = {f.name: f.default for f in dataclasses.fields(SimCLRModel) if f.name in MODEL_FIELDS}
     f.update(fields)
-    _require(
-        f["depth"] in BLOCKS_PER_GROUP, "depth", f"one of {sorted(BLOCKS_PER_GROUP)}", f["depth"]
-    )
+    _require(f["backbone"] in BACKBONES, "backbone", f"one of {list(BACKBONES)}", f["backbone"])
+    if f["backbone"] == "convnet":
+        _require(
+            is_int(f["depth"]) and f["depth"] >= convnet.MIN_DEPTH,
+            "depth",
+            f"the number of 3x3 convs of the convnet, an integer >= {convnet.MIN_DEPTH}",
+            f["depth"],
+        )
+        for name in ("sk_ratio", "se_ratio"):
+            _require(f[name] == 0, name, "0 with backbone='convnet' (a ResNet option)", f[name])
+    else:
+        _require(
+            f["depth"] in BLOCKS_PER_GROUP,
+            "depth",
+            f"one of {sorted(BLOCKS_PER_GROUP)}",
+            f["depth"],
+        )
     for name in ("width_multiplier", "base_width"):
         _require(is_int(f[name]) and f[name] >= 1, name, "an integer >= 1", f[name])
     for name in ("sk_ratio", "se_ratio"):
@@ -73,12 +88,15 @@ def validate_model_fields(fields: Mapping[str, Any], *, image_size: int) -> None
     _require(
         is_number(f["bn_epsilon"]) and f["bn_epsilon"] > 0, "bn_epsilon", "> 0", f["bn_epsilon"]
     )
-    min_size = total_stride(f["cifar_stem"])
+    if f["backbone"] == "convnet":
+        min_size, network = convnet.TOTAL_STRIDE, "the convnet"
+    else:
+        min_size = total_stride(f["cifar_stem"])
+        network = f"a ResNet with the {'CIFAR' if f['cifar_stem'] else 'ImageNet'} stem"
     if not is_int(image_size) or image_size < min_size:
-        stem = "CIFAR" if f["cifar_stem"] else "ImageNet"
         raise ValueError(
-            f"image_size must be an integer >= {min_size} (the total stride of a ResNet with the "
-            f"{stem} stem), got {image_size!r}"
+            f"image_size must be an integer >= {min_size} (the total stride of {network}), "
+            f"got {image_size!r}"
         )
 
 

@@ -1,4 +1,5 @@
-"""The composed SimCLR model: ResNet backbone -> projection head -> linear classifier."""
+"""The composed SimCLR model: backbone (ResNet, or the CPU-shaped convnet) -> projection head ->
+linear classifier."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax.models.convnet import ConvNet
 from simclr_jax.models.heads import (
     ProjectionHead,
     linear_classifier,
@@ -19,6 +21,7 @@ from simclr_jax.models.heads import (
 from simclr_jax.models.resnet import STAGE_NAMES, ResNet
 
 FINE_TUNE_AFTER_BLOCK_RANGE = range(-1, len(STAGE_NAMES))  # -1 (nothing frozen) .. 4
+BACKBONES = ("resnet", "convnet")
 
 
 def architecture(default: Any) -> Any:
@@ -36,11 +39,15 @@ class SimCLRModel(nn.Module):
     """
 
     # Architecture: the network's shape (ARCHITECTURE_FIELDS below lists these fields).
-    depth: int = architecture(50)  # ResNet depth: 18, 34, 50, 101, 152 or 200.
+    # 'resnet' (the reference's) or 'convnet' (shaped for a CPU: models/convnet.py).
+    backbone: str = architecture("resnet")
+    # ResNet depth: 18, 34, 50, 101, 152 or 200; a convnet's: its number of 3x3 convs (>= 4).
+    depth: int = architecture(50)
     width_multiplier: int = architecture(1)  # integer channel multiplier (SimCLRv2's 1x/2x/3x).
-    sk_ratio: float = architecture(0.0)  # selective-kernel ratio; 0 = off, SimCLRv2 uses 0.0625.
-    se_ratio: float = architecture(0.0)  # squeeze-excitation ratio; 0 = off.
-    cifar_stem: bool = architecture(False)  # 3x3 stride-1 stem conv, no max-pool.
+    # Selective-kernel ratio; 0 = off, SimCLRv2 uses 0.0625 (ResNet only).
+    sk_ratio: float = architecture(0.0)
+    se_ratio: float = architecture(0.0)  # squeeze-excitation ratio; 0 = off (ResNet only).
+    cifar_stem: bool = architecture(False)  # 3x3 stride-1 stem conv, no max-pool (ResNet only).
     base_width: int = architecture(64)  # channels of the first block group before the multiplier.
     proj_head_mode: str = architecture("nonlinear")  # 'none', 'linear' or 'nonlinear'.
     num_proj_layers: int = architecture(3)  # layers of the nonlinear head (v1: 2, v2: 3).
@@ -73,17 +80,7 @@ class SimCLRModel(nn.Module):
             axis_name=self.axis_name,
             dtype=self.dtype,
         )
-        outputs = ResNet(
-            depth=self.depth,
-            width_multiplier=self.width_multiplier,
-            sk_ratio=self.sk_ratio,
-            se_ratio=self.se_ratio,
-            cifar_stem=self.cifar_stem,
-            base_width=self.base_width,
-            fine_tune_after_block=self.fine_tune_after_block,
-            name="backbone",
-            **norm_kwargs,
-        )(images, train=train)
+        outputs = self._backbone(norm_kwargs)(images, train=train)
         hiddens = ProjectionHead(
             proj_head_mode=self.proj_head_mode,
             num_proj_layers=self.num_proj_layers,
@@ -101,6 +98,23 @@ class SimCLRModel(nn.Module):
         classifier = linear_classifier(self.num_classes, zero_init=self.zero_init_logits_layer)
         outputs["logits"] = classifier(classifier_input)
         return outputs
+
+    def _backbone(self, norm_kwargs: dict[str, Any]) -> nn.Module:
+        common = dict(
+            depth=self.depth,
+            width_multiplier=self.width_multiplier,
+            base_width=self.base_width,
+            fine_tune_after_block=self.fine_tune_after_block,
+            name="backbone",
+            **norm_kwargs,
+        )
+        if self.backbone == "convnet":
+            return ConvNet(**common)
+        if self.backbone != "resnet":
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        return ResNet(
+            sk_ratio=self.sk_ratio, se_ratio=self.se_ratio, cifar_stem=self.cifar_stem, **common
+        )
 
 
 # The fields that describe the network's shape, the one list of them: a checkpoint's saved config

@@ -56,8 +56,11 @@ def disk_full_error(workdir: str, resume_step: int | None) -> DiskFullError:
 
 
 def _let_writers_finish(timeout_s: float = 60.0) -> None:
-    """Joins orbax's background write threads (they end once their writes have failed)."""
+    """Waits for orbax's background write threads (they end once their writes have failed).
+
+    threading.Thread.join itself: orbax's threads override join() to raise their error again.
+    """
     deadline = time.monotonic() + timeout_s
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
-            thread.join(max(0.0, deadline - time.monotonic()))
+            threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))

@@ -110,10 +110,19 @@ def pretrain_config() -> ConfigDict:
     c.loss.temperature = 0.1  # NT-Xent temperature tau.
 
     c.probe = ConfigDict()
-    # Learning rate (unscaled; warmup + cosine like the encoder) of a separate momentum-SGD optimizer
-    # for the online linear probe. 0 = train it with the encoder's optimizer, as the reference does
-    # (its loss runs high at large learning rates; its accuracy is what to read).
-    c.probe.learning_rate = 0.0
+    # Peak learning rate (unscaled; warmup + cosine like the encoder) of the online linear probe's
+    # own Adam optimizer, so it tracks the features whatever the encoder's optimizer does. 0 = train
+    # it with the encoder's optimizer, as the reference does (with LARS at the reference's rates
+    # that probe diverges: its loss runs in the hundreds).
+    c.probe.learning_rate = 1e-3
+
+    c.knn = ConfigDict()
+    # kNN monitor at every evaluation (cosine, temperature-weighted votes of the k nearest): its bank
+    # is `bank_size` labelled training images (0 = all), its queries the eval split; in-memory
+    # datasets only. k = 0 turns it off.
+    c.knn.k = 200
+    c.knn.temperature = 0.1  # vote weight exp(similarity / temperature).
+    c.knn.bank_size = 10_000
 
     c.batch_size = 256  # global batch in images (each gives two views); divides the device count.
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
@@ -130,7 +139,9 @@ def pretrain_config() -> ConfigDict:
     c.log_every_steps = 50  # metrics to the writers and progress (steps/s, ETA).
     c.checkpoint_every_steps = 1000  # orbax checkpoint period (and one at the end).
     c.keep_checkpoints = 3  # how many checkpoints to keep.
-    c.eval_every_steps = 0  # exact linear-probe evaluation on eval_split; 0 = only at the end.
+    # Evaluation on eval_split (the probe's exact top-1/top-5 and the kNN monitor); 0 = only at
+    # the end.
+    c.eval_every_steps = 0
     return c
 
 

@@ -246,13 +246,13 @@ def with_separate_probe(
     params: Any,
     *,
     learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
 ) -> optax.GradientTransformation:
-    """Train the top-level 'classifier' (the online probe) by its own momentum SGD, no weight decay.
+    """Train the top-level 'classifier' (the online probe) by its own Adam, no weight decay.
 
-    The probe sits on stop-gradient features, so its optimizer never touches the representation; a
-    gentle one keeps it an honest monitor when the encoder's learning rate (LARS without trust
-    ratio for the classifier, as in the reference) would make a linear layer diverge.
+    The probe sits on stop-gradient features, so its optimizer never touches the representation.
+    Adam's per-parameter step size keeps it an honest monitor whatever the scale of the features
+    and whatever the encoder's learning rate (LARS without trust ratio for the classifier, as in
+    the reference, makes a linear layer diverge).
     """
     _check_learning_rate(learning_rate)
     if CLASSIFIER not in params:
@@ -260,5 +260,5 @@ def with_separate_probe(
             f"params have no top-level {CLASSIFIER!r} subtree to give its own optimizer"
         )
     labels = {name: "probe" if name == CLASSIFIER else "model" for name in params}
-    probe = optax.sgd(learning_rate, momentum=momentum)
+    probe = optax.adam(learning_rate)
     return optax.multi_transform({"model": optimizer, "probe": probe}, labels)

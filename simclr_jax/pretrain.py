@@ -125,7 +125,7 @@ def train_and_evaluate(
             probe_schedule=probe_schedule, sharding=dp.replicated_sharding,
         )  # fmt: skip
 
-    probe = evaluators.exact_evaluators(dp, model, config, data, prefix="eval_probe_")
+    probe = evaluators.pretraining_evaluators(dp, model, config, data)
     stage = runner.Stage(
         "Pretraining", initial_state, make_train_step(model, config), data.batch_for_step,
         schedule, evaluators=probe,

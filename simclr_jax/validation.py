@@ -116,6 +116,9 @@ def validate_pretrain(config: ml_collections.ConfigDict) -> None:
     check_augment(config.augment)
     check_optim(config.optim)
     positive("loss.temperature", config.loss.temperature)
+    non_negative("probe.learning_rate (0 = the encoder's optimizer)", config.probe.learning_rate)
+    check_knn(config.knn)
+    non_negative("knn.bank_size (0 = the whole train split)", config.knn.bank_size)
     check_model(config.model, config.dataset.image_size)
     if config.memory.enabled:
         memory.check_config(config.memory, global_batch=config.batch_size)
@@ -134,8 +137,12 @@ def validate_finetune(config: ml_collections.ConfigDict) -> None:
         "in (0, 1] (e.g. 0.01 for 1%)",
         fraction,
     )
-    non_negative("knn.k (0 = no kNN monitor)", config.knn.k)
-    positive("knn.temperature", config.knn.temperature)
+    check_knn(config.knn)
+
+
+def check_knn(knn: ml_collections.ConfigDict) -> None:
+    non_negative("knn.k (0 = no kNN monitor)", knn.k)
+    positive("knn.temperature", knn.temperature)
 
 
 def validate_distill(config: ml_collections.ConfigDict) -> None:

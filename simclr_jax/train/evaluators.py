@@ -167,6 +167,27 @@ def classifier_evaluators(
     return found
 
 
+def pretraining_evaluators(
+    dp: Any, model: Any, config: ml_collections.ConfigDict, data: Any
+) -> list[Evaluator]:
+    """Pretraining's: the online probe's exact evaluation ('eval_probe_*') and, for in-memory
+    data with config.knn.k > 0, the kNN monitor ('knn_top1') whose bank is a class-balanced
+    `knn.bank_size` of the labelled training images (the whole split when 0 or larger)."""
+    from simclr_jax.data import sources
+
+    found = exact_evaluators(dp, model, config, data, prefix="eval_probe_")
+    bank, queries = data.train_arrays, data.eval_arrays
+    if not found or config.knn.k <= 0 or bank is None or queries is None:
+        return found
+    if 0 < config.knn.bank_size < len(bank):
+        bank = sources.take_label_fraction(bank, config.knn.bank_size / len(bank), seed=config.seed)
+    monitor = KnnMonitor(
+        dp, model, config.dataset.image_size, bank, queries, batch_size=config.eval_batch_size,
+        k=config.knn.k, temperature=config.knn.temperature,
+    )  # fmt: skip
+    return [*found, monitor]
+
+
 def evaluated_once(evaluator: Evaluator, variables: Any, names: Sequence[str]) -> Evaluator:
     """An evaluator of fixed `variables` (a frozen teacher): run once, its `names` remembered."""
 

@@ -161,9 +161,18 @@ def _root_cause(error: BaseException) -> BaseException:
     return _chain(error)[-1]
 
 
+# Orbax warnings that only describe what was asked for (reading a workdir read-only).
+_ORBAX_NOTICES = ("Given directory is read only",)
+
+
 def _drop_orbax_info(record: logging.LogRecord) -> bool:
-    """Keep a log record unless it is orbax's, below WARNING."""
-    return record.levelno >= logging.WARNING or _ORBAX not in record.pathname
+    """Keep a log record unless it is orbax's, below WARNING or one of its notices."""
+    if _ORBAX not in record.pathname:
+        return True
+    if record.levelno >= logging.ERROR:
+        return True
+    notice = any(text in str(record.msg) for text in _ORBAX_NOTICES)
+    return record.levelno >= logging.WARNING and not notice
 
 
 def _verbose() -> bool:

@@ -91,14 +91,7 @@ def read_run(workdir: str, *, field: str = "workdir") -> SavedRun:
         directory = directory / "checkpoints"
     if not directory.is_dir():
         raise ValueError(f"{field}={workdir!r} holds no checkpoints (no {directory} folder)")
-    manager = ocp.CheckpointManager(
-        directory,
-        item_handlers={
-            checkpoint.STATE: ocp.PyTreeCheckpointHandler(),
-            checkpoint.CONFIG: ocp.JsonCheckpointHandler(),
-        },
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
+    manager = checkpoint.read_only_manager(directory)
     try:
         step = manager.latest_step()
         if step is None:

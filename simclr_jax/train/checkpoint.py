@@ -185,11 +185,7 @@ def restore_weights(
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {directory}")
     abstract = abstract_tree(dict(target))
-    manager = ocp.CheckpointManager(
-        directory,
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler(), DIGEST: ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
+    manager = read_only_manager(directory)
 
     def restore_step(manager: ocp.CheckpointManager, at: int) -> Any:
         check_compatible(
@@ -206,6 +202,23 @@ def restore_weights(
         return _restore_with_fallback(manager, step, restore_step)
     finally:
         manager.close()
+
+
+def read_only_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
+    """An orbax manager that only reads `directory` (a workdir's checkpoints folder).
+
+    Every item a step holds has its handler, and the options are the ones read-only implies, so
+    orbax has nothing to warn about on each read (it would, per item and option, otherwise).
+    """
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            STATE: ocp.PyTreeCheckpointHandler(),
+            CONFIG: ocp.JsonCheckpointHandler(),
+            DIGEST: ocp.JsonCheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
+    )
 
 
 def abstract_tree(tree: Any) -> Any:

@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
@@ -60,9 +59,7 @@ class _Checkpoints:
         if self._manager is None:
             if not self.directory.is_dir():
                 return []
-            self._manager = ocp.CheckpointManager(
-                self.directory, options=ocp.CheckpointManagerOptions(read_only=True)
-            )
+            self._manager = checkpoint.read_only_manager(self.directory)
         self._manager.reload()
         return sorted(self._manager.all_steps())
 

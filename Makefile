@@ -9,7 +9,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_FLAGS ?=
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test lint setup data clean
+.PHONY: demo demo-sweep test lint setup data clean
 
 setup: $(STAMP) data
 
@@ -34,6 +34,10 @@ data:
 
 demo: setup
 	$(PY) -m simclr_jax.demo $(DEMO_FLAGS)
+
+# The label-efficiency sweep (60 to 60,000 labels) on top of the demo's pretraining.
+demo-sweep: setup
+	$(PY) -m simclr_jax.demo --sweep $(DEMO_FLAGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -122,7 +122,7 @@ def pretrain_config() -> ConfigDict:
     # datasets only. k = 0 turns it off.
     c.knn.k = 200
     c.knn.temperature = 0.1  # vote weight exp(similarity / temperature).
-    c.knn.bank_size = 10_000
+    c.knn.bank_size = 10_000  # labelled training images in the bank (class-balanced; 0 = all).
 
     c.batch_size = 256  # global batch in images (each gives two views); divides the device count.
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).

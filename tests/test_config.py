@@ -53,7 +53,10 @@ def test_every_preset_loads(name, preset):
     config = parse([f"--config={spec}"])
     assert config.batch_size > 0 and config.optim.base_lr > 0
     model = config.student.model if "student" in config else config.model
-    assert model.depth in (None, 18, 34, 50, 101, 152, 200)  # None: the checkpoint's
+    if model.backbone == "convnet":  # the demo's CPU-shaped network: depth counts its convs
+        assert model.depth >= 4
+    else:
+        assert model.depth in (None, 18, 34, 50, 101, 152, 200)  # None: the checkpoint's
 
 
 def test_reference_recipes():
@@ -91,7 +94,7 @@ def test_reference_recipes():
 # by hand from the presets' documented batch sizes and epochs.
 PRESET_STEPS = [
     # file, preset, N, B, epochs, warmup epochs, total steps, warmup steps
-    ("pretrain_fashion_mnist", "demo", 60_000, 256, 2, 0.2, 469, 46),
+    ("pretrain_fashion_mnist", "demo", 60_000, 256, 7, 1, 1_641, 234),
     ("pretrain_fashion_mnist", "resnet18", 60_000, 512, 200, 10, 23_438, 1_171),
     ("finetune_fashion_mnist", "demo_1pct", 600, 60, 60, 0, 601, 0),
     ("finetune_fashion_mnist", "linear_eval", 60_000, 512, 100, 0, 11_719, 0),
@@ -251,7 +254,8 @@ def test_composed_arguments_follow_the_documented_rules():
     assert (five.model.ft_proj_selector, five.optim.name) == (1, "lars")
     half = ft.get_config("recipe=supervised,fraction=0.5,size=demo")
     assert (half.label_fraction, half.batch_size, half.init_checkpoint) == (0.5, 60, "")
-    assert half.model.base_width == 8  # the demo pretraining's network, from scratch
+    # The demo pretraining's network, from scratch.
+    assert (half.model.backbone, half.model.base_width) == ("convnet", 32)
     # The v1 recipe on another ResNet, which no preset names.
     r101 = pretrain_imagenet.get_config("version=1,depth=101,sk=1")
     assert (r101.model.depth, r101.model.sk_ratio, r101.optim.base_lr) == (101, 0.0625, 0.3)

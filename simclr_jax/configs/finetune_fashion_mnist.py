@@ -144,6 +144,8 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 50
     apply_recipe(c, a.recipe, a.fraction, *schedule(a.recipe, a.fraction, a.size), a.size)
     if a.size == "demo":
+        if a.recipe == "semi":
+            c.optim.base_lr = 0.01  # after the convnet's pretraining: 0.005-0.015 best, 0.05 -2
         c.log_every_steps = 25 if a.recipe == "linear_eval" else 50
         c.eval_every_steps = 0  # evaluate once, at the end
     elif a.size == "tiny":

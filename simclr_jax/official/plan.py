@@ -98,6 +98,7 @@ def _architecture(parsed: Parsed) -> tuple[dict[str, Any], list[walk.Layer]]:
     head = parsed.head
     defaults = base_config.model_config()
     model = dict(
+        backbone="resnet",
         depth=depth,
         width_multiplier=width,
         base_width=base_width,

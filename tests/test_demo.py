@@ -1,0 +1,92 @@
+"""`make demo` end to end at the tiny size (real Fashion-MNIST slices, through the command line):
+every number of the summary is produced, the table and the figures are written, a rerun reuses
+the finished stages, and a machine without the data files is told how to install them."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from simclr_jax.data import fashion_mnist
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "simclr_jax" / "configs" / "pretrain_fashion_mnist.py"
+TRAIN_IMAGES, TEST_IMAGES = 2000, 500
+ACCURACIES = (
+    "linear_simclr_all", "linear_simclr_1pct", "linear_pixels_all", "linear_pixels_1pct",
+    "finetune_1pct", "scratch_1pct", "distill_1pct", "knn_simclr", "probe_final",
+)  # fmt: skip
+needs_data = pytest.mark.skipif(
+    not fashion_mnist.available(), reason="needs the Fashion-MNIST files (dataset-fashion-mnist)"
+)
+
+
+def run_demo(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "simclr_jax.demo", "--size=tiny", f"--workdir={workdir}",
+        f"--config={CONFIG}:tiny", f"--config.dataset.train_split=train[:{TRAIN_IMAGES}]",
+        f"--config.dataset.eval_split=test[:{TEST_IMAGES}]", *flags,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    result = run_demo(workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, result.stdout
+
+
+@needs_data
+def test_the_demo_reports_every_number_of_its_summary(demo):
+    from simclr_jax.demo import SUMMARY_KEYS
+
+    workdir, stdout = demo
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert tuple(summary) == SUMMARY_KEYS
+    for key in ACCURACIES:
+        assert 0.0 <= summary[key] <= 1.0, (key, summary[key])
+    # Ten classes: anything trained at all is above chance on 500 test images.
+    assert summary["linear_pixels_all"] > 0.5 and summary["linear_simclr_all"] > 0.2
+    assert 0 < summary["pretrain_minutes"] < summary["total_minutes"]
+    assert summary["seed"] == 0
+    for stage in ("pretrain", "finetune_20", "scratch_20", "distill"):
+        results = json.loads((workdir / stage / "results.json").read_text())
+        assert results["step"] > 0, stage
+    # The figures are real PNG files, and the printed table carries the summary's numbers.
+    for figure in ("curves.png", "label_efficiency.png"):
+        assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    assert "| raw pixels | 784 |" in stdout
+    assert f"{100 * summary['linear_pixels_1pct']:.2f}%" in stdout
+    assert f"{100 * summary['distill_1pct']:.2f}%" in stdout
+
+
+@needs_data
+def test_a_rerun_reuses_the_finished_stages_and_the_pixel_fits(demo):
+    workdir, _ = demo
+    before = json.loads((workdir / "summary.json").read_text())
+    steps = {
+        stage: (workdir / stage / "metrics.jsonl").read_text()
+        for stage in ("pretrain", "finetune_20", "scratch_20", "distill")
+    }
+    result = run_demo(workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = json.loads((workdir / "summary.json").read_text())
+    # No stage trained again (their metrics are untouched) and every accuracy is the same.
+    for stage, metrics in steps.items():
+        assert (workdir / stage / "metrics.jsonl").read_text() == metrics, stage
+    assert {k: after[k] for k in ACCURACIES} == {k: before[k] for k in ACCURACIES}
+
+
+def test_missing_data_files_fail_fast_with_the_install_command(tmp_path):
+    result = run_demo(tmp_path / "out", f"--config.dataset.data_dir={tmp_path / 'nothing'}")
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "dataset-fashion-mnist" in last_line and "make data" in last_line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "pretrain").exists()

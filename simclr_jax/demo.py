@@ -74,7 +74,9 @@ def run_stage(name: str, train_and_evaluate, config, workdir: str) -> tuple[dict
     """Run (or resume, or find finished) a stage: its results and the minutes this call took."""
     start = time.time()
     logging.info("Demo stage: %s (%s)", name, workdir)
-    results = train_and_evaluate(config, workdir)
+    results = train_and_evaluate(
+        config, workdir, accept_config_changes=FLAGS.accept_config_changes
+    )
     return results, (time.time() - start) / 60
 
 
@@ -311,5 +313,10 @@ if __name__ == "__main__":
     flags.DEFINE_bool("sweep", False, "Also 0.1%, 10% and 100% of the labels (make demo-sweep).")
     flags.DEFINE_enum(
         "size", "demo", ["demo", "tiny"], "Size of the fine-tuning and distillation presets."
+    )
+    flags.DEFINE_bool(
+        "accept_config_changes",
+        False,
+        "Resume the stages' workdirs although the config changes the runs (see the README).",
     )
     cli.run(main)

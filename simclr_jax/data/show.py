@@ -13,9 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from simclr_jax import cli
 from simclr_jax.data import augment, sources
 
 CELL_MIN_PIXELS = 112  # small images are enlarged (nearest neighbour) so the grid is readable
@@ -77,7 +78,7 @@ def main() -> None:
     out = flags.DEFINE_string("out", "pairs.png", "Where to write the PNG grid.")
     num = flags.DEFINE_integer("num", 8, "How many images (rows).")
     flags.mark_flag_as_required("config")
-    app.run(lambda argv: print(write_pairs(config.value, out.value, num.value)))
+    cli.run(lambda argv: print(write_pairs(config.value, out.value, num.value)))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,20 @@ def use_cpu_devices(count: int | None = None) -> int:
     return int(count)
 
 
+def waits_for_each_step(mesh: Mesh) -> bool:
+    """Whether a loop on `mesh` must finish each step before dispatching the next work.
+
+    XLA:CPU runs each device's part of a program as a task on one thread pool, about one thread
+    per core, and a part blocks its thread while it waits in a collective for the other parts.
+    Two programs with collectives in flight at once (the step, and the next batch's gather or
+    an evaluation) can then hold every thread with parts that wait for parts that cannot start:
+    with 2 devices on 2 cores the demo deadlocked until XLA aborted the process (40 s). Waiting
+    for each step keeps one such program in flight; it costs only the host's dispatch time.
+    """
+    devices = list(mesh.devices.flat)
+    return len(devices) > 1 and all(device.platform == "cpu" for device in devices)
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A one-axis mesh over all (global) devices, named 'data'."""
     devices = jax.devices() if devices is None else list(devices)

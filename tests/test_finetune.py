@@ -305,8 +305,10 @@ def test_reference_values_and_same_budget_baselines():
     )
     for field in ("label_fraction", "label_seed", "batch_size", "num_epochs", "num_steps"):
         assert demo[field] == scratch[field], field
-    assert scratch.init_checkpoint == "" and (scratch.model.depth, scratch.model.base_width) == (
-        18, 8,
+    # The scratch arm trains the demo pretraining's network (the CPU-shaped convnet).
+    assert scratch.init_checkpoint == ""
+    assert (scratch.model.backbone, scratch.model.depth, scratch.model.base_width) == (
+        "convnet", 4, 32,
     )  # fmt: skip
 
 

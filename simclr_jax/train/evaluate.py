@@ -65,7 +65,9 @@ def exact_evaluate(
         if mask is None:
             mask = jnp.ones(np.shape(labels), jnp.int32)
         logits = predict_fn(batch["image"])
-        totals = _add_masked_counts(_ZERO_COUNTS if totals is None else totals, logits, labels, mask)
+        totals = _add_masked_counts(
+            _ZERO_COUNTS if totals is None else totals, logits, labels, mask
+        )
     if totals is None:
         raise ValueError("batches is empty: nothing to evaluate")
     totals = jax.device_get(totals)

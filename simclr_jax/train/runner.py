@@ -167,9 +167,15 @@ def _step_loop(config, workdir, dp, stage, ckpt, writer, stops, stop_at_step) ->
         first_step=stops.first_step,
         batch_size=config.batch_size,
     )
+
+    def train_step(state, batch):
+        outputs = mapped(state, *stage.replicated, batch)
+        return jax.block_until_ready(outputs) if serial else outputs
+
+    serial = parallel.waits_for_each_step(dp.mesh)
     return loop.StepLoop(
         settings=settings,
-        train_step=lambda state, batch: mapped(state, *stage.replicated, batch),
+        train_step=train_step,
         batch_for_step=stage.batch_for_step,
         first=dp.first,
         save=lambda step, state: ckpt.save(step, dp.unreplicate(state), force=True),

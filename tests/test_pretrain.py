@@ -34,12 +34,15 @@ def test_cli_runs_and_leaves_a_complete_workdir(tmp_path):
             sys.executable, "-m", "simclr_jax.pretrain", f"--config={TINY}",
             f"--workdir={tmp_path}", "--config.num_steps=3",
             "--config.dataset.train_split=train[:1024]", "--config.dataset.eval_split=test[:300]",
+            "--config.tensorboard=True",
         ],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["step"] == 3
+    # The tiny preset writes no TensorBoard files; turned on, the real clu writer does.
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
     assert 0.0 <= results["eval_probe_top1"] <= 1.0
     assert (tmp_path / "config.json").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [

@@ -67,6 +67,14 @@ def test_writer_with_tensorflow_writes_jsonl_and_tensorboard_events(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
 
 
+def test_writer_without_tensorboard_writes_jsonl_only(tmp_path):
+    writer = metrics.create_writer(tmp_path, tensorboard=False)
+    writer.write_scalars(3, {"loss": jnp.float32(1.25)})
+    writer.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 3, "loss": 1.25}]
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
 def test_non_main_process_writes_no_files(tmp_path):
     writer = metrics.create_writer(tmp_path, is_main=False)
     writer.write_scalars(1, {"loss": 1.0})

@@ -19,7 +19,7 @@ Arguments (simclr_jax.configs.arguments), default student=self,size=full:
                   LARS lr 0.05 x sqrt(B), no weight decay. Measured after a 200-step pretraining:
                   student 74.4% vs teacher 76.0% test top-1 (it sees 0.6 epoch; longer runs let it
                   catch up).
-  size=tiny       a few steps for the tests.
+  size=tiny       a few steps for the tests (no TensorBoard files).
 Presets: self (the default), big_to_small (student=small), demo (size=demo), tiny (size=tiny).
 """
 
@@ -76,6 +76,7 @@ def get_config(arg: str | None = None):
         c.dataset.train_split = "train[:2000]"
         c.dataset.eval_split = "test[:200]"
         c.eval_batch_size = 200
+        c.tensorboard = False  # metrics.jsonl only: no TensorFlow import in each test process
         c.batch_size = 16
         c.labeled_batch_size = 8
         c.num_steps = 3

@@ -30,7 +30,7 @@ Arguments (simclr_jax.configs.arguments), default recipe=linear_eval,fraction=1.
                       (60 epochs at 1%), else 256; semi at lr 0.01 (0.005-0.015 measured best
                       after the demo pretraining, 0.05 lost 2 points), supervised at 0.1 (of
                       0.03 / 0.1 / 0.3 / 1.0 on 600 labels: 75.0 / 76.6 / 76.0 / 44.3%).
-  size=tiny           a few steps of a base-width-4 ResNet-18 for the tests.
+  size=tiny           a few steps of a base-width-4 ResNet-18 for the tests (no TensorBoard).
 Presets: linear_eval (the default), 1pct, 10pct (semi at 0.01 / 0.1), supervised_1pct,
 supervised_10pct, supervised (all labels), demo_linear_eval, demo_1pct, demo_supervised_1pct,
 tiny (semi at 0.01), tiny_linear_eval (fraction 0.02), tiny_supervised; each is the key=value
@@ -159,6 +159,7 @@ def get_config(arg: str | None = None):
         c.dataset.train_split = "train[:2000]"
         c.dataset.eval_split = "test[:200]"
         c.eval_batch_size = 200
+        c.tensorboard = False  # metrics.jsonl only: no TensorFlow import in each test process
         c.num_steps = 3
         c.knn.k = 20
         c.log_every_steps = 1

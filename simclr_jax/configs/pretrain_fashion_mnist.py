@@ -10,7 +10,7 @@ Argument (simclr_jax.configs.arguments): size=demo|full|tiny (default demo).
               14/7 px, 512-d features) for 7 epochs with AdamW, about 8.5 minutes on a 2-core
               CPU; `make demo` runs it and compares its features with raw pixels (README).
   size=full   the standard-width ResNet-18 with the CIFAR stem, for a GPU: 200 epochs.
-  size=tiny   a few-step smoke configuration used by the tests.
+  size=tiny   a few-step smoke configuration used by the tests (no TensorBoard files).
 Presets: demo, resnet18 (= size=full), tiny.
 """
 
@@ -75,4 +75,5 @@ def get_config(arg: str | None = None):
         c.optim.warmup_epochs = 0.0
         c.log_every_steps = 2
         c.checkpoint_every_steps = 2
+        c.tensorboard = False  # metrics.jsonl only: no TensorFlow import in each test process
     return base.lock(c)

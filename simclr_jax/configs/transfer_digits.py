@@ -74,4 +74,5 @@ def get_config(arg: str | None = None):
         c.log_every_steps = 1
         c.checkpoint_every_steps = 2
         c.knn.k = 0  # one program less to compile in the tests
+        c.tensorboard = False  # metrics.jsonl only: no TensorFlow import in each test process
     return base.lock(c)

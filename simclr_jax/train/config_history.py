@@ -28,6 +28,7 @@ ACCEPT_FLAG = "--accept_config_changes"
 # Fields whose change leaves the trained trajectory as it was ('x.*' = everything under x).
 FREE_FIELDS = (
     "log_every_steps",
+    "tensorboard",
     "checkpoint_every_steps",
     "keep_checkpoints",
     "eval_every_steps",

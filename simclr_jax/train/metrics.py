@@ -39,15 +39,21 @@ def clu_metric_writers():
     return metric_writers
 
 
-def create_writer(workdir: epath.PathLike, *, is_main: bool = True, asynchronous: bool = True):
+def create_writer(
+    workdir: epath.PathLike,
+    *,
+    is_main: bool = True,
+    asynchronous: bool = True,
+    tensorboard: bool = True,
+):
     """A metric writer: write_scalars(step, dict), write_hparams(dict), flush(), close().
 
-    Main process: TensorBoard events + log lines (clu, when TF is importable; else log lines
-    only) and `workdir/metrics.jsonl`. Other processes: log lines only, so hosts of a pod do
-    not write the same files.
+    Main process: TensorBoard events + log lines (clu, when `tensorboard` and TF is importable;
+    else log lines only) and `workdir/metrics.jsonl`. Other processes: log lines only, so hosts
+    of a pod do not write the same files.
     """
     workdir = epath.Path(workdir)
-    metric_writers = clu_metric_writers()
+    metric_writers = clu_metric_writers() if tensorboard else None
     if metric_writers is None:
         writers = [ConsoleWriter()]
         if is_main:

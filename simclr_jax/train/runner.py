@@ -105,7 +105,9 @@ def _run(config, workdir, dp, stage, ckpt, exits, stop_at_step) -> dict[str, Any
     state = dp.replicate(state)
     metrics.write_config(workdir, config)
     stops = exits.enter_context(preemption.StopRequests(start_step))
-    writer = metrics.create_writer(workdir, is_main=jax.process_index() == 0)
+    writer = metrics.create_writer(
+        workdir, is_main=jax.process_index() == 0, tensorboard=config.get("tensorboard", True)
+    )
     exits.callback(writer.close)
     step_loop = _step_loop(config, workdir, dp, stage, ckpt, writer, stops, stop_at_step)
     _log_start(stage, config, dp, start_step, step_loop.settings.end_step)

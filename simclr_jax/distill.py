@@ -115,7 +115,7 @@ def train_and_evaluate(
             "the teacher saw %d px images; it labels %d px views", teacher_run.image_size, size
         )
     num_classes = teacher_run.num_classes
-    data = stage_data.distillation_data(config, dp.mesh, num_classes)
+    data = stage_data.distillation_data(config, dp.mesh, num_classes, teacher_run.channels)
     schedule = optim.train_schedule(config, data.num_examples)
     student = build_for_run(config, config.student.model, num_classes)
 

@@ -160,6 +160,27 @@ def test_unlabelled_batches_carry_no_labels(monkeypatch):
     assert all((image.tobytes(), int(label)) in pairs for image, label in got)
 
 
+def test_an_rgb_teacher_gets_grayscale_data_as_rgb(monkeypatch):
+    """A teacher with 3 input channels (an official model) on 1-channel data: every image the
+    step and the evaluation see is the grayscale repeated, as fine-tuning converts it."""
+    config = load_config("distill_fashion_mnist.py", "tiny", "--config.knn.k=0")
+    config.alpha, config.label_fraction, config.labeled_batch_size = 0.5, 0.25, 4
+    rng = np.random.default_rng(0)
+    arrays = ImageArrays(rng.integers(0, 256, (40, 4, 4, 1), dtype=np.uint8),
+                         rng.integers(0, 10, 40).astype(np.int32), 10)  # fmt: skip
+    monkeypatch.setattr(stage_data.sources, "load_split", lambda dataset, split: arrays)
+    data = stage_data.distillation_data(config, parallel.make_mesh(jax.devices()[:1]), 10, 3)
+    assert data.channels == 3
+    batch = data.batch_for_step(0)
+    evaluated = next(iter(data.eval_batches()))
+    for images in (batch["image"], batch["labeled_image"], evaluated["image"]):
+        images = np.asarray(images)
+        assert images.shape[-1] == 3
+        np.testing.assert_array_equal(images, np.repeat(images[..., :1], 3, axis=-1))
+    rows = {image.tobytes() for image in arrays.images}
+    assert all(image[..., :1].tobytes() in rows for image in np.asarray(batch["image"]))
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

@@ -65,13 +65,17 @@ def labeled_data(
     return _resident(config, mesh, match_channels(train, channels), channels)
 
 
-def distillation_data(config: ml_collections.ConfigDict, mesh: Any, num_classes: int) -> StageData:
+def distillation_data(
+    config: ml_collections.ConfigDict, mesh: Any, num_classes: int, channels: int | None = None
+) -> StageData:
     """Distillation: step -> {'image'} unlabelled, plus {'labeled_image', 'label'} when alpha > 0.
 
     The unlabelled pool loses its labels here, so they can never reach the step; the labelled
     subset (label_fraction of the same split) feeds the labelled loss and the kNN monitor.
+    `channels` (the teacher's) converts the images, as for fine-tuning: an RGB teacher (an
+    official model) labels grayscale data, and the student reads the same images.
     """
-    train = sources.load_split(config.dataset, config.dataset.train_split)
+    train = match_channels(sources.load_split(config.dataset, config.dataset.train_split), channels)
     labeled = None
     if train.labels is not None and (config.alpha > 0 or config.knn.k > 0):
         labeled = labeled_subset(train, config.label_fraction, config.label_seed)
@@ -82,7 +86,7 @@ def distillation_data(config: ml_collections.ConfigDict, mesh: Any, num_classes:
             f"the teacher predicts {num_classes} classes but {config.dataset.name!r} has "
             f"{labeled.num_classes}"
         )
-    pool = _resident(config, mesh, ImageArrays(train.images, None, train.num_classes))
+    pool = _resident(config, mesh, ImageArrays(train.images, None, train.num_classes), channels)
     extra = None
     if config.alpha > 0:
         extra = data_pipeline.DeviceResidentData(

@@ -95,7 +95,7 @@ print('OK')
 
 # 2 devices and many batches, the demo's setting: each batch's counting program holds a
 # collective. (The deadlock that chaining them fixed needed the demo network's heavier programs
-# to show; the demo run itself is its check, README "Faults and recovery".)
+# to show; the demo run itself is its check: README, "Several JAX devices on one CPU".)
 @pytest.mark.parametrize(("devices", "n"), [(8, 45), (2, 3000)])
 def test_exact_evaluate_on_batches_sharded_over_devices(devices, n):
     env = dict(

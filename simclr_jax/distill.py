@@ -92,13 +92,7 @@ def train_and_evaluate(
     'teacher_top1'/'teacher_top5', 'knn_top1' (student features, when on) and 'step'.
     """
     validation.validate_distill(config)
-    teacher_run = encoder.read_run(config.teacher_checkpoint, field="config.teacher_checkpoint")
-    if teacher_run.stage == "pretrain":
-        raise ValueError(
-            f"config.teacher_checkpoint={config.teacher_checkpoint!r} is a pretraining workdir: "
-            "its classifier is the online probe, not a teacher. Fine-tune it first (python -m "
-            "simclr_jax.finetune --config.init_checkpoint=...) and give that finetune workdir"
-        )
+    teacher_run = encoder.read_teacher(config.teacher_checkpoint, field="config.teacher_checkpoint")
     init_run = None
     if config.init_checkpoint:
         init_run = encoder.read_run(config.init_checkpoint, field="config.init_checkpoint")

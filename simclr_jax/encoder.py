@@ -79,6 +79,19 @@ class SavedRun:
         return self.shapes[path]
 
 
+def read_teacher(workdir: str, *, field: str) -> SavedRun:
+    """read_run of a fine-tuning or distillation workdir: a pretraining one has no teacher (its
+    classifier is the online probe)."""
+    run = read_run(workdir, field=field)
+    if run.stage == "pretrain":
+        raise ValueError(
+            f"{field}={workdir!r} is a pretraining workdir: its classifier is the online probe, "
+            "not a teacher. Fine-tune it first (python -m simclr_jax.finetune "
+            "--config.init_checkpoint=...) and give that finetune workdir"
+        )
+    return run
+
+
 def read_run(workdir: str, *, field: str = "workdir") -> SavedRun:
     """The newest checkpoint of `workdir` (a trainer's workdir or its checkpoints folder).
 

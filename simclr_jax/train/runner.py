@@ -169,12 +169,12 @@ def _step_loop(config, workdir, dp, stage, ckpt, writer, stops, stop_at_step) ->
         first_step=stops.first_step,
         batch_size=config.batch_size,
     )
+    serial = parallel.waits_for_each_step(dp.mesh)
 
     def train_step(state, batch):
         outputs = mapped(state, *stage.replicated, batch)
         return jax.block_until_ready(outputs) if serial else outputs
 
-    serial = parallel.waits_for_each_step(dp.mesh)
     return loop.StepLoop(
         settings=settings,
         train_step=train_step,

@@ -32,6 +32,7 @@ from simclr_jax.models import (
 from simclr_jax.train import checkpoint, metrics
 
 _CLASSIFIER_KERNEL = "params/classifier/kernel"
+_CLASSIFIER_NORM = "batch_stats/classifier_norm/mean"  # the online probe's input BatchNorm
 _STEM_KERNEL = "params/backbone/stem/conv1/kernel"
 
 
@@ -200,7 +201,9 @@ def abstract_variables(model: SimCLRModel, image_size: int, channels: int) -> di
 
 
 def build_from_run(run: SavedRun, *, dtype: Any = jnp.float32, **overrides: Any) -> SimCLRModel:
-    """The run's network (for distillation runs, the student), for inference: no collectives."""
+    """The run's network (for distillation runs, the student), for inference: no collectives.
+    A pretraining run's probe keeps its input BatchNorm when the checkpoint has one."""
+    overrides.setdefault("classifier_input_norm", _CLASSIFIER_NORM in run.shapes)
     return build_model(
         run.model_config,
         num_classes=run.num_classes,

@@ -25,7 +25,10 @@ from simclr_jax.train.state import TrainState
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int) -> SimCLRModel:
     """Encoder, projection head, and the online probe on stop-gradient features."""
-    return build_for_run(config, config.model, num_classes, classifier_stop_gradient=True)
+    return build_for_run(
+        config, config.model, num_classes,
+        classifier_stop_gradient=True, classifier_input_norm=config.probe.input_norm,
+    )  # fmt: skip
 
 
 def init_state(model, config, channels, schedule, *, probe_schedule=None, sharding=None):
@@ -53,10 +56,21 @@ def init_state(model, config, channels, schedule, *, probe_schedule=None, shardi
 
 def make_view_gradient_fn(model: SimCLRModel, config: ml_collections.ConfigDict):
     """Per-replica (grads, metrics, BN stats) from two views: NT-Xent over every replica's
-    negatives (plus the memory queue's valid rows, as before this step) and the probe's loss."""
+    negatives (plus the memory queue's valid rows, as before this step) and the probe's loss.
+
+    The probe trains on `probe_batch` (images, labels) when given: un-augmented images through
+    the network in inference mode, the features a linear evaluation sees (its classifier input is
+    stop-gradient, so only the probe learns from them); without it, on the two views (the
+    reference)."""
     use_memory = config.memory.enabled
 
-    def gradients(state: TrainState, view_a: jax.Array, view_b: jax.Array, labels: jax.Array):
+    def gradients(
+        state: TrainState,
+        view_a: jax.Array,
+        view_b: jax.Array,
+        labels: jax.Array,
+        probe_batch: tuple[jax.Array, jax.Array] | None = None,
+    ):
         images, labels = jnp.concatenate([view_a, view_b]), jnp.concatenate([labels, labels])
         queue = {}
         if use_memory:
@@ -69,9 +83,13 @@ def make_view_gradient_fn(model: SimCLRModel, config: ml_collections.ConfigDict)
             contrastive, aux = losses.nt_xent(
                 z_a, z_b, temperature=config.loss.temperature, axis_name=DATA_AXIS, **queue
             )
-            probe = losses.softmax_cross_entropy(out["logits"], labels)
+            logits, probe_labels = out["logits"], labels
+            if probe_batch is not None:  # the probe sees the images as evaluation does
+                probe_images, probe_labels = probe_batch
+                logits = model.apply(variables, probe_images, train=False)["logits"]
+            probe = losses.softmax_cross_entropy(logits, probe_labels)
             aux = dict(aux, contrastive_loss=contrastive, probe_loss=probe)
-            aux["probe_acc"] = jnp.mean(jnp.argmax(out["logits"], -1) == labels)
+            aux["probe_acc"] = jnp.mean(jnp.argmax(logits, -1) == probe_labels)
             return contrastive + probe, (aux, updates["batch_stats"])
 
         grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -88,10 +106,16 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict):
     memory, then its update (simclr_jax.memory: view b's keys from the EMA network enter)."""
     view_gradients = make_view_gradient_fn(model, config)
     use_memory, decay = config.memory.enabled, config.memory.ema_decay
+    clean_every = config.probe.clean_every
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         view_a, view_b = views.contrastive_views(config, state.step, batch["image"])
-        grads, aux, batch_stats = view_gradients(state, view_a, view_b, batch["label"])
+        probe_batch = None
+        if clean_every > 0:
+            probe_batch = views.probe_inputs(config, batch["image"], batch["label"])
+        grads, aux, batch_stats = view_gradients(
+            state, view_a, view_b, batch["label"], probe_batch
+        )
         new_state = state.apply_gradients(grads, batch_stats)
         if use_memory:
             new_memory = memory.update(
@@ -114,6 +138,12 @@ def train_and_evaluate(
     validation.validate_pretrain(config)
     dp = parallel.from_config(config)
     data = stage_data.pretraining_data(config, dp.mesh)
+    if data.precropped and config.probe.clean_every > 0:
+        raise ValueError(
+            f"probe.clean_every={config.probe.clean_every} needs whole images, but "
+            f"{config.dataset.name!r} streams host-cropped views: set "
+            "--config.probe.clean_every=0 (the probe trains on the views, as the reference)"
+        )
     schedule = optim.train_schedule(config, data.num_examples)
     model = make_model(config, data.num_classes)
     probe_lr = config.probe.learning_rate

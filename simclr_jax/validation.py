@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from simclr_jax import memory, optim, parallel
-from simclr_jax.checks import is_number, require
+from simclr_jax.checks import is_int, is_number, require
 from simclr_jax.data import augment as augment_ops
 from simclr_jax.data import sources, splits
 from simclr_jax.models.build import validate_model_fields
@@ -117,6 +117,8 @@ def validate_pretrain(config: ml_collections.ConfigDict) -> None:
     check_optim(config.optim)
     positive("loss.temperature", config.loss.temperature)
     non_negative("probe.learning_rate (0 = the encoder's optimizer)", config.probe.learning_rate)
+    every = config.probe.clean_every
+    require(is_int(every) and every >= 0, "probe.clean_every", "an int >= 0 (0 = the views)", every)
     check_knn(config.knn)
     non_negative("knn.bank_size (0 = the whole train split)", config.knn.bank_size)
     check_model(config.model, config.dataset.image_size)

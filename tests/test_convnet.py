@@ -104,6 +104,35 @@ def test_forward_equals_a_layer_by_layer_reference(small):
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_pointwise_conv_equals_lax_conv_values_and_gradients():
+    """The 1x1 layer is a matrix product (XLA:CPU's 1x1 weight gradient is slow): its output and
+    both gradients must equal jax.grad of lax.conv_general_dilated."""
+    from simclr_jax.models.convnet import _PointwiseConv
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 4, 4, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((1, 1, 6, 5)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((3, 4, 4, 5)), jnp.float32)
+    init = jax.nn.initializers.lecun_normal()
+    layer = _PointwiseConv(5, (1, 1), 1, "SAME", False, init, jnp.float32, jnp.float32)
+
+    def ours(x, kernel):
+        return jnp.sum(layer.apply({"params": {"kernel": kernel}}, x) * cotangent)
+
+    def reference(x, kernel):
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(y * cotangent)
+
+    np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-5)
+    for got, want in zip(jax.grad(ours, (0, 1))(x, kernel), jax.grad(reference, (0, 1))(x, kernel)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Its parameter is nn.Conv's, so checkpoints of either load into the other.
+    shape = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))
+    assert shape["params"]["kernel"].shape == (1, 1, 6, 5)
+
+
 def test_frozen_stages_get_no_gradient_and_keep_their_statistics():
     model = build_model(convnet_config(fine_tune_after_block=2), num_classes=10, image_size=28)
     variables = init_variables(model, seed=0, image_size=28, channels=1)

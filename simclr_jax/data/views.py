@@ -49,6 +49,18 @@ def contrastive_views(
     )
 
 
+def probe_inputs(
+    config: ml_collections.ConfigDict, images: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The online probe's un-augmented (images, labels): every `probe.clean_every`-th row of this
+    replica's batch, preprocessed as for evaluation. Rows are taken by position, and the batch
+    order is already random; when clean_every divides the per-device batch these are the global
+    batch's every clean_every-th images, the same ones on any number of devices."""
+    every = config.probe.clean_every
+    clean = augment.eval_preprocess(images[::every], out_size=config.dataset.image_size)
+    return clean, labels[::every]
+
+
 def finetune_view(
     config: ml_collections.ConfigDict,
     step: jax.Array,

@@ -93,7 +93,8 @@ class _Stage(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for k, (features, kernel, stride) in enumerate(self.layers):
-            x = nn.Conv(
+            conv = _PointwiseConv if (kernel, stride) == (1, 1) else nn.Conv
+            x = conv(
                 features,
                 (kernel, kernel),
                 strides=stride,
@@ -115,6 +116,31 @@ class _Stage(nn.Module):
             )(x)
             x = nn.relu(x)
         return x
+
+
+class _PointwiseConv(nn.Module):
+    """A 1x1 convolution written as the matrix product it is (same parameter as nn.Conv's).
+
+    XLA:CPU computes nn.Conv's 1x1 weight gradient at a third of its matmul rate; as a dot over
+    the pixels it is one GEMM, forward and backward.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: int
+    padding: Any
+    use_bias: bool
+    kernel_init: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
 
 
 def _average_pool_2x2(x: jax.Array) -> jax.Array:

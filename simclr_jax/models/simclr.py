@@ -59,6 +59,9 @@ class SimCLRModel(nn.Module):
     # Classifier input: 0 = backbone output, k = k-th head layer, -1 = the last head layer.
     ft_proj_selector: int = 0
     classifier_stop_gradient: bool = False
+    # A BatchNorm without scale or shift on the classifier's input (the online probe's, by
+    # default): a linear classifier learns standardised features much faster (MAE's linear probe).
+    classifier_input_norm: bool = False
     zero_init_logits_layer: bool = False  # start the classifier at zero.
     fine_tune_after_block: int = -1  # freeze stages up to k: -1 none, 0 stem, 1..4 block groups.
     axis_name: str | None = None
@@ -95,6 +98,16 @@ class SimCLRModel(nn.Module):
         classifier_input = hiddens[selected]
         if self.classifier_stop_gradient:
             classifier_input = jax.lax.stop_gradient(classifier_input)
+        if self.classifier_input_norm:
+            classifier_input = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                epsilon=self.bn_epsilon,
+                use_scale=False,
+                use_bias=False,
+                axis_name=self.axis_name,
+                name="classifier_norm",
+            )(classifier_input.astype(jnp.float32))
         classifier = linear_classifier(self.num_classes, zero_init=self.zero_init_logits_layer)
         outputs["logits"] = classifier(classifier_input)
         return outputs

@@ -5,9 +5,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from simclr_jax import pretrain
+from simclr_jax.data import fashion_mnist
+from simclr_jax.encoder import load_encoder
 from simclr_jax.configs import pretrain_fashion_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,6 +55,14 @@ def test_cli_runs_and_leaves_a_complete_workdir(tmp_path):
     ]
     losses = read_losses(tmp_path)
     assert set(losses) == {2, 3} and all(loss > 0 for loss in losses.values())
+    # load_encoder rebuilds the network with the probe's input BatchNorm from the checkpoint: its
+    # logits on the eval split give the run's own eval_probe_top1.
+    apply_fn, variables = load_encoder(str(tmp_path))
+    assert "classifier_norm" in variables["batch_stats"]
+    images, labels = fashion_mnist.load("test")
+    logits = apply_fn(variables, jnp.asarray(images[:300].reshape(300, 28, 28, 1)))["logits"]
+    top1 = float(np.mean(np.argmax(logits, -1) == labels[:300]))
+    assert top1 == pytest.approx(results["eval_probe_top1"], abs=1e-6)
 
 
 def test_resume_continues_with_the_same_losses(tmp_path):

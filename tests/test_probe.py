@@ -98,19 +98,3 @@ def test_bad_clean_every_is_named(every):
     with pytest.raises(ValueError, match=r"probe.clean_every must be an int >= 0"):
         validation.validate_pretrain(config)
 
-
-def test_a_pretraining_workdir_loads_with_its_probe_norm_and_reproduces_its_evaluation(tmp_path):
-    """load_encoder rebuilds the probe's input BatchNorm from the checkpoint: its logits on the
-    eval split give the run's own eval_probe_top1."""
-    from simclr_jax.encoder import load_encoder
-
-    config = pretrain_fashion_mnist.get_config("tiny")
-    config.num_steps = 2
-    config.dataset.train_split, config.dataset.eval_split = "train[:512]", "test[:200]"
-    results = pretrain.train_and_evaluate(config, str(tmp_path))
-    apply_fn, variables = load_encoder(str(tmp_path))
-    assert "classifier_norm" in variables["batch_stats"]
-    images, labels = fashion_mnist.load("test")
-    logits = apply_fn(variables, jnp.asarray(images[:200].reshape(200, 28, 28, 1)))["logits"]
-    top1 = float(np.mean(np.argmax(logits, -1) == labels[:200]))
-    assert top1 == pytest.approx(results["eval_probe_top1"], abs=1e-6)

@@ -59,6 +59,9 @@ def get_config(arg: str | None = None):
         c.optim.warmup_epochs = 1.0
         c.log_every_steps = 50
         c.eval_every_steps = 470  # about every 2 epochs: the probe and kNN curves of curves.png
+        # The probe sees 128 clean images a step (of 1641 steps; 64 left it ~3 points short of
+        # the offline linear classifier at 4 epochs), for ~4% more compute.
+        c.probe.clean_every = 2
         c.checkpoint_every_steps = 500
     elif size == "full":
         c.batch_size = 512

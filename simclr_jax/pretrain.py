@@ -113,9 +113,7 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict):
         probe_batch = None
         if clean_every > 0:
             probe_batch = views.probe_inputs(config, batch["image"], batch["label"])
-        grads, aux, batch_stats = view_gradients(
-            state, view_a, view_b, batch["label"], probe_batch
-        )
+        grads, aux, batch_stats = view_gradients(state, view_a, view_b, batch["label"], probe_batch)
         new_state = state.apply_gradients(grads, batch_stats)
         if use_memory:
             new_memory = memory.update(

@@ -126,7 +126,11 @@ def test_pointwise_conv_equals_lax_conv_values_and_gradients():
         return jnp.sum(y * cotangent)
 
     np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-5)
-    for got, want in zip(jax.grad(ours, (0, 1))(x, kernel), jax.grad(reference, (0, 1))(x, kernel)):
+    ours_grads, lax_grads = (
+        jax.grad(ours, (0, 1))(x, kernel),
+        jax.grad(reference, (0, 1))(x, kernel),
+    )
+    for got, want in zip(ours_grads, lax_grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # Its parameter is nn.Conv's, so checkpoints of either load into the other.
     shape = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from simclr_jax import pretrain
+from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.data import fashion_mnist
 from simclr_jax.encoder import load_encoder
-from simclr_jax.configs import pretrain_fashion_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{pretrain_fashion_mnist.__file__}:tiny"

@@ -22,6 +22,7 @@ def test_imagenet_pretraining_streams_two_host_crops_per_image():
     config.batch_size = 8
     config.eval_batch_size = 8
     config.num_steps = 2  # mock data records no split sizes, so the length is in steps
+    config.probe.clean_every = 0  # as pretrain_imagenet.py: the host streams crops only
     dp = parallel.from_config(config)
     model = pretrain.make_model(config, 1000)
     with tfds.testing.mock_data(num_examples=20):
@@ -35,5 +36,12 @@ def test_imagenet_pretraining_streams_two_host_crops_per_image():
         state, metrics = step(dp.replicate(state), batch)
         assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
         probe = evaluators.exact_evaluators(dp, model, config, data, prefix="eval_probe_")[0](state)
+        # A probe on clean images needs whole images: host crops are refused by name.
+        config.probe.clean_every = 4
+        clean_probe = runner.map_step(
+            dp, pretrain.make_train_step(model, config), skip_nonfinite=False
+        )
+        with pytest.raises(ValueError, match="probe.clean_every=4 needs whole images"):
+            clean_probe(dp.replicate(pretrain.init_state(model, config, data.channels, 0.1)), batch)
     # The mock validation split has 20 examples: padded to 24, every real one counted once.
     assert probe["eval_probe_count"] == 20

@@ -31,7 +31,9 @@ def gradients(config, model, state, batch, use_probe_batch):
 
     def fn(state, batch):
         view_a, view_b = views.contrastive_views(config, state.step, batch["image"])
-        probe = views.probe_inputs(config, batch["image"], batch["label"]) if use_probe_batch else None
+        probe = (
+            views.probe_inputs(config, batch["image"], batch["label"]) if use_probe_batch else None
+        )
         return view_gradients(state, view_a, view_b, batch["label"], probe)
 
     mapped = jax.pmap(fn, axis_name="data")
@@ -65,7 +67,11 @@ def test_clean_probe_trains_on_inference_mode_features_and_leaves_the_encoder_al
     # The encoder and head learn only from NT-Xent: identical with either probe input.
     assert set(with_clean) == {"backbone", "head", "classifier"}
     for name in ("backbone", "head"):
-        for a, b in zip(jax.tree.leaves(with_clean[name]), jax.tree.leaves(with_views[name])):
+        clean_leaves, view_leaves = (
+            jax.tree.leaves(with_clean[name]),
+            jax.tree.leaves(with_views[name]),
+        )
+        for a, b in zip(clean_leaves, view_leaves, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # The probe's gradient: softmax cross-entropy of a linear map of the inference-mode features
     # of the clean rows, computed here independently of the step.
@@ -97,4 +103,3 @@ def test_bad_clean_every_is_named(every):
     config.probe.clean_every = every
     with pytest.raises(ValueError, match=r"probe.clean_every must be an int >= 0"):
         validation.validate_pretrain(config)
-

@@ -44,8 +44,8 @@ def get_config(arg: str | None = None):
     c.optim.lr_scaling = "sqrt"
     c.optim.weight_decay = 1e-4
     if size == "demo":
-        # The CPU-shaped convnet (models/convnet.py): 512-d features. AdamW at 2e-3 beat LARS at
-        # these short schedules (benchmarks/RESULTS.md, demo recipe).
+        # The CPU-shaped convnet (models/convnet.py): 512-d features. AdamW at 2e-3; the knobs
+        # tried around it are in benchmarks/RESULTS.md ("tuning the demo recipe").
         c.model.backbone = "convnet"
         c.model.depth = 4
         c.model.base_width = 32

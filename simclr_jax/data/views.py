@@ -56,6 +56,11 @@ def probe_inputs(
     replica's batch, preprocessed as for evaluation. Rows are taken by position, and the batch
     order is already random; when clean_every divides the per-device batch these are the global
     batch's every clean_every-th images, the same ones on any number of devices."""
+    if images.ndim == 5:
+        raise ValueError(
+            f"probe.clean_every={config.probe.clean_every} needs whole images, but this batch holds "
+            "host-cropped views: set probe.clean_every=0 (the probe trains on the views)"
+        )
     every = config.probe.clean_every
     clean = augment.eval_preprocess(images[::every], out_size=config.dataset.image_size)
     return clean, labels[::every]

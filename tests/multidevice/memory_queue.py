@@ -36,6 +36,9 @@ def memory_config():
     config.memory.enabled = True
     config.memory.size = QUEUE
     config.memory.ema_decay = 0.9  # far from 1, so the EMA visibly moves in a few steps
+    # The probe's clean rows are the global batch's every 2nd image on 1 device and on 8 (2 rows
+    # each): clean_every must divide the per-device batch for that.
+    config.probe.clean_every = 2
     return config
 
 
@@ -82,8 +85,9 @@ def run(model, config, state, data, devices):
 def reference_projections(config, state, batch):
     """Step 0's projections from an unmapped model: online (both views) and EMA (view b) keys."""
     model = build_model(
-        config.model, num_classes=10, image_size=28, axis_name=None, classifier_stop_gradient=True
-    )
+        config.model, num_classes=10, image_size=28, axis_name=None,
+        classifier_stop_gradient=True, classifier_input_norm=config.probe.input_norm,
+    )  # fmt: skip
     aug = config.augment
     view_a, view_b = augment.simclr_views(
         jax.random.fold_in(jax.random.key(config.seed), 0),

@@ -7,8 +7,9 @@
 
 Argument (simclr_jax.configs.arguments): size=demo|full|tiny (default demo).
   size=demo   the CPU-shaped convnet (models/convnet.py: stride-2 stem, 32/64/128 channels at
-              14/7 px, 512-d features) for 7 epochs with AdamW, 8.8-10.2 minutes on a 2-core
+              14/7 px, 512-d features) for 7 epochs with AdamW, 8.4-9.0 minutes on a 2-core
               CPU (README); `make demo` runs it and compares its features with raw pixels (README).
+              Its probe trains on every 2nd image un-augmented (probe.clean_every=2).
   size=full   the standard-width ResNet-18 with the CIFAR stem, for a GPU: 200 epochs.
   size=tiny   a few-step smoke configuration used by the tests (no TensorBoard files).
 Presets: demo, resnet18 (= size=full), tiny.

@@ -122,7 +122,9 @@ class _PointwiseConv(nn.Module):
     """A 1x1 convolution written as the matrix product it is (same parameter as nn.Conv's).
 
     XLA:CPU computes nn.Conv's 1x1 weight gradient at a third of its matmul rate; as a dot over
-    the pixels it is one GEMM, forward and backward.
+    the pixels it is one GEMM, forward and backward. It takes nn.Conv's arguments so that _Stage
+    builds either the same way; _Stage uses it only where they mean a 1x1, stride-1 layer without
+    bias (kernel_size, strides, padding and use_bias are then fixed, and not read).
     """
 
     features: int

@@ -114,7 +114,7 @@ def pretrain_config() -> ConfigDict:
     # own Adam optimizer, so it tracks the features whatever the encoder's optimizer does. 0 = train
     # it with the encoder's optimizer, as the reference does (with LARS at the reference's rates
     # that probe diverges: its loss runs in the hundreds).
-    c.probe.learning_rate = 0.05
+    c.probe.learning_rate = 0.02
     # The probe trains on every `clean_every`-th image of each batch un-augmented: preprocessed as
     # for evaluation, through the network in inference mode, so it learns the features a linear
     # evaluation sees (on the views' crops and colours it ends ~4 points lower on Fashion-MNIST).

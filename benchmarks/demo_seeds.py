@@ -32,7 +32,7 @@ ROWS = [
     ("linear on raw pixels, 60,000 labels", "linear_pixels_all"),
     ("linear on SimCLR features, 600 labels", "linear_simclr_1pct"),
     ("linear on raw pixels, 600 labels", "linear_pixels_1pct"),
-    ("fine-tuned from head layer 1, 600 labels", "finetune_1pct"),
+    ("fine-tuned (LP-FT from the head's input), 600 labels", "finetune_1pct"),
     ("same network from scratch, 600 labels", "scratch_1pct"),
     ("student distilled from the fine-tuned network", "distill_1pct"),
     ("kNN (k=200) on SimCLR features", "knn_simclr"),

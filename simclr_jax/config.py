@@ -238,6 +238,11 @@ def finetune_config() -> ConfigDict:
     c.optim.lr_scaling = "sqrt"  # 'linear' (base_lr * batch / 256) or 'sqrt'.
     c.optim.weight_decay = 0.0  # L2 weight decay (see optim_config).
     c.optim.warmup_epochs = 0.0  # linear warmup length, then cosine decay to zero.
+    # LP-FT (train/classifier_init.py): start the classifier at the logistic regression of its
+    # input features (init_checkpoint's network in inference mode, un-augmented labelled images,
+    # L2 penalty by held-out folds) instead of zero_init_logits_layer's zero or random weights,
+    # then fine-tune as configured. Needs init_checkpoint and an in-memory dataset.
+    c.init_classifier_by_linear_fit = False
     _run_fields(c)
     return c
 

@@ -34,7 +34,7 @@ import ml_collections
 from simclr_jax import cli, encoder, losses, optim, parallel, validation
 from simclr_jax.data import stage_data, views
 from simclr_jax.models import LINEAR_EVAL_BLOCK, SimCLRModel, build_for_run
-from simclr_jax.train import evaluators, runner
+from simclr_jax.train import classifier_init, evaluators, runner
 from simclr_jax.train.state import TrainState, averaged_update, fine_tune_state
 
 
@@ -88,6 +88,14 @@ def train_and_evaluate(
     validation.check_model(config.model, config.dataset.image_size)
     dp = parallel.from_config(config)
     data = stage_data.labeled_data(config, dp.mesh, channels=None if run is None else run.channels)
+    if config.init_classifier_by_linear_fit:
+        validation.require(
+            run is not None and data.train_arrays is not None,
+            "init_classifier_by_linear_fit",
+            "False without init_checkpoint or for a streamed dataset (the fit needs pretrained "
+            "features of labelled examples in memory)",
+            True,
+        )
     schedule = optim.train_schedule(config, data.num_examples)
     size = config.dataset.image_size
     model = build_for_run(config, config.model, data.num_classes)
@@ -96,6 +104,11 @@ def train_and_evaluate(
         # Resuming restores every variable, so the checkpoint to start from is not read.
         start = None if resuming else run
         variables = encoder.initial_variables(model, config.seed, size, data.channels, start)
+        if start is not None and config.init_classifier_by_linear_fit:
+            classifier = classifier_init.linear_fit_classifier(
+                model, variables, data.train_arrays, image_size=size, seed=config.seed
+            )
+            variables["params"] = {**variables["params"], "classifier": classifier}
         return fine_tune_state(config.model, config.optim, variables, schedule.learning_rate())
 
     stage = runner.Stage(

@@ -68,3 +68,31 @@ def test_weights_leave_examples_out_exactly():
     subset = linear_fit.fit_linear_classifier(x[keep > 0], y[keep > 0], num_classes=3, l2=1e-2)
     np.testing.assert_allclose(masked.mean, subset.mean, rtol=1e-5)
     np.testing.assert_allclose(masked.logits(x), subset.logits(x), atol=2e-3)  # float32 L-BFGS
+
+
+def test_as_dense_folds_the_standardisation_into_a_plain_dense_layer():
+    """A network's classifier (x @ kernel + bias on raw features) gives the fitted classifier's
+    logits, to float32 precision."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(5.0, [0.1, 2.0, 30.0], (200, 3)).astype(np.float32)  # offset, unequal spreads
+    labels = (x[:, 0] - 5 + x[:, 1] / 20 > 0).astype(np.int32) + 2 * (x[:, 2] > 5)
+    classifier = linear_fit.fit_linear_classifier(x, labels, num_classes=4, l2=1e-3)
+    kernel, bias = classifier.as_dense()
+    np.testing.assert_allclose(x @ kernel + bias, classifier.logits(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("examples", [600, linear_fit.MANY_EXAMPLES + 10])
+def test_fit_within_budget_is_fit_with_validation_at_its_documented_cost(examples):
+    """Small sets: 5 folds over L2_GRID; large ones: one held-out fifth, the 3 smallest penalties;
+    either way 200 L-BFGS steps and the classifier refit on every example."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(examples, 6)).astype(np.float32)
+    labels = (x[:, 0] + 0.5 * rng.normal(size=examples) > 0).astype(np.int32)
+    many = examples > linear_fit.MANY_EXAMPLES
+    expected, _, scores = linear_fit.fit_with_validation(
+        x, labels, num_classes=2, max_steps=200, seed=1,
+        **(dict(max_folds=1, l2_grid=linear_fit.L2_GRID[:3]) if many else {}),
+    )  # fmt: skip
+    assert len(scores) == (3 if many else len(linear_fit.L2_GRID))
+    got = linear_fit.fit_within_budget(x, labels, num_classes=2, seed=1)
+    np.testing.assert_array_equal(got.weights, expected.weights)

@@ -15,8 +15,9 @@ from test_finetune import CONFIGS, load_config
 
 import simclr_jax
 from simclr_jax import distill, encoder, finetune
-from simclr_jax.data import fashion_mnist
+from simclr_jax.data import fashion_mnist, sources, stage_data
 from simclr_jax.train.checkpoint import CheckpointMismatchError
+from simclr_jax.train.linear_fit import fit_within_budget
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -142,3 +143,40 @@ def test_another_architecture_is_an_error_naming_the_parameters(recipe, tmp_path
     )  # fmt: skip
     with pytest.raises(CheckpointMismatchError, match="block_group1/block3"):
         distill.train_and_evaluate(config, str(tmp_path / "ds"))
+
+
+def test_a_classifier_initialised_by_a_linear_fit_predicts_as_that_fit(recipe, tmp_path):
+    """LP-FT (init_classifier_by_linear_fit): with the whole network frozen in inference mode and
+    a vanishing learning rate, fine-tuning's test accuracy is that of a logistic regression fitted
+    outside the trainer on load_encoder's head-layer-1 features of the same labelled examples."""
+    workdirs, _ = recipe
+    splits = ("--config.dataset.train_split=train[:1024]", "--config.dataset.eval_split=test[:300]")
+    config = load_config(
+        "finetune_fashion_mnist.py", "tiny_linear_eval", *splits,
+        f"--config.init_checkpoint={workdirs['pretrain']}", "--config.label_fraction=0.5",
+        "--config.init_classifier_by_linear_fit=True", "--config.model.ft_proj_selector=1",
+        "--config.model.freeze_head_in_linear_eval=True", "--config.optim.base_lr=1e-12",
+        "--config.num_steps=1", "--config.knn.k=0",
+    )  # fmt: skip
+    results = finetune.train_and_evaluate(config, str(tmp_path / "lpft"))
+
+    apply_fn, variables = encoder.load_encoder(str(workdirs["pretrain"]))
+    train = stage_data.labeled_subset(
+        sources.load_split(config.dataset, "train[:1024]"), 0.5, config.label_seed
+    )
+    test = sources.load_split(config.dataset, "test[:300]")
+    head_1 = lambda images: np.asarray(apply_fn(variables, images)["head_1"])  # noqa: E731
+    fitted = fit_within_budget(head_1(train.images), train.labels, num_classes=10, seed=0)
+    expected = fitted.accuracy(head_1(test.images), test.labels)
+    assert expected > 0.3  # a real classifier (a zero one scores 0.1 here)
+    assert results["eval_top1"] == pytest.approx(expected, abs=1 / 300 + 1e-9)  # one near-tie
+
+
+def test_a_linear_fit_classifier_needs_a_checkpoint(tmp_path):
+    config = load_config(
+        "finetune_fashion_mnist.py",
+        "tiny_supervised",
+        "--config.init_classifier_by_linear_fit=True",
+    )
+    with pytest.raises(ValueError, match="init_classifier_by_linear_fit"):
+        finetune.train_and_evaluate(config, str(tmp_path / "ft"))

@@ -35,6 +35,12 @@ class LinearClassifier:
     def accuracy(self, features: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(self.logits(features).argmax(-1) == labels))
 
+    def as_dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """(kernel, bias) of the same logits on raw features: the standardisation folded in, so
+        a plain dense layer (a network's classifier) computes them."""
+        kernel = self.weights / self.std[:, None]
+        return kernel, self.bias - self.mean @ kernel
+
 
 def fit_linear_classifier(
     features: np.ndarray,
@@ -91,6 +97,7 @@ def _solve(x, y, example_weights, l2, *, num_classes: int, max_steps: int):
 
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # penalties tried by fit_with_validation
+MANY_EXAMPLES = 6000  # fit_within_budget cheapens the penalty search above this many examples
 
 
 def validation_folds(labels: np.ndarray, *, folds: int, seed: int = 0) -> list[np.ndarray]:
@@ -139,3 +146,19 @@ def fit_with_validation(
         x, labels, num_classes=num_classes, l2=best, max_steps=max_steps
     )
     return classifier, best, dict(zip(map(float, l2_grid), scores, strict=True))
+
+
+def fit_within_budget(
+    features: np.ndarray, labels: np.ndarray, *, num_classes: int, seed: int = 0
+) -> LinearClassifier:
+    """fit_with_validation at a cost that suits any set size, the same rule for any input.
+
+    Every fit takes 200 L-BFGS steps (on 60,000 examples within 0.1 point of 500 steps, in 2.2x
+    less time; fewer examples converge sooner). Above MANY_EXAMPLES examples the penalty search
+    uses one held-out fifth and the three smallest penalties (more data needs less).
+    """
+    many = dict(max_folds=1, l2_grid=L2_GRID[:3]) if len(labels) > MANY_EXAMPLES else {}
+    classifier, _, _ = fit_with_validation(
+        features, labels, num_classes=num_classes, seed=seed, max_steps=200, **many
+    )
+    return classifier

@@ -7,8 +7,10 @@ The pretraining workdir is enough: its saved config gives the architecture (expl
 --config.model.* values win) and only its weights are read (params and BN statistics; not the step
 or the optimizer). The classifier is new, sized to this dataset's classes. Which layer feeds it
 (model.ft_proj_selector), which stages are frozen (model.fine_tune_after_block: 4 = linear
-evaluation) and how many labels are used (label_fraction) are this run's choices. Rerunning the
-same command resumes from the newest checkpoint in --workdir.
+evaluation) and how many labels are used (label_fraction) are this run's choices. With
+init_classifier_by_linear_fit the classifier starts at the logistic regression of its input
+features on the labelled examples (LP-FT: train/classifier_init.py). Rerunning the same command
+resumes from the newest checkpoint in --workdir.
 
 Transfer: the checkpoint may come from another dataset (simclr_jax/configs/transfer_digits.py):
 images are resized to dataset.image_size on the device, their channels converted to the

@@ -94,7 +94,7 @@ def test_reference_recipes():
 # by hand from the presets' documented batch sizes and epochs.
 PRESET_STEPS = [
     # file, preset, N, B, epochs, warmup epochs, total steps, warmup steps
-    ("pretrain_fashion_mnist", "demo", 60_000, 256, 7, 1, 1_641, 234),
+    ("pretrain_fashion_mnist", "demo", 60_000, 256, 6.5, 1, 1_524, 234),
     ("pretrain_fashion_mnist", "resnet18", 60_000, 512, 200, 10, 23_438, 1_171),
     ("finetune_fashion_mnist", "demo_1pct", 600, 60, 60, 0, 601, 0),
     ("finetune_fashion_mnist", "linear_eval", 60_000, 512, 100, 0, 11_719, 0),

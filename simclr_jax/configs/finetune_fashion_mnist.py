@@ -158,7 +158,7 @@ def get_config(arg: str | None = None):
     if a.size == "demo":
         if a.recipe == "semi":
             c.optim.base_lr = 0.01  # after the convnet's pretraining (docstring)
-            # LP-FT from the head's input (docstring; benchmarks/RESULTS.md, "fine-tuning").
+            # LP-FT from the head's input (docstring; benchmarks/RESULTS.md, "LP-FT").
             c.model.ft_proj_selector = 0
             c.init_classifier_by_linear_fit = True
         c.log_every_steps = 25 if a.recipe == "linear_eval" else 50

@@ -1,8 +1,8 @@
 """Start fine-tuning's classifier at a linear probe's solution (LP-FT, Kumar et al., ICLR 2022).
 
-A zero (or random) classifier sends large, uninformative gradients into the pretrained layers for
-the first steps, while a logistic regression fitted on their frozen features starts the network at
-the linear-evaluation accuracy, so that fine-tuning only has to improve on it. The fit is
+While a fresh (zero or random) classifier is far from fitting, fine-tuning bends the pretrained
+features to suit it; a logistic regression fitted on the frozen features instead starts the network
+at the linear-evaluation accuracy, so that fine-tuning only has to improve on it. The fit is
 train/linear_fit's: standardised features, L-BFGS, the L2 penalty chosen on held-out folds of the
 labelled examples (never the test set); the standardisation is folded into the dense layer.
 """

@@ -40,12 +40,13 @@ def classifier_input_features(
     )
 
     @jax.jit
-    def features(batch: jax.Array) -> jax.Array:
+    def features(variables: dict[str, Any], batch: jax.Array) -> jax.Array:
+        # The variables are an argument, not a closed-over constant baked into the program.
         x = augment.eval_preprocess(batch, out_size=image_size)
         return model.apply(variables, x, train=False)[f"head_{layer}"]
 
     chunks = [
-        np.asarray(features(jnp.asarray(images[i : i + batch_size])))
+        np.asarray(features(variables, jnp.asarray(images[i : i + batch_size])))
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(chunks)

@@ -145,7 +145,8 @@ def test_second_run_on_a_live_workdir_is_refused_with_host_and_pid(tmp_path):
             time.sleep(0.1)
         assert first.poll() is None, "the first run ended early"
         start = time.time()
-        latest = checkpoint.CheckpointManager(str(tmp_path)).latest_step() or 0
+        # Read-only: a writing manager would delete the live run's unfinished checkpoint.
+        latest = checkpoint.read_only_manager(tmp_path / "checkpoints").latest_step() or 0
         with pytest.raises(WorkdirLockedError) as error:  # (without a lock: 2 steps, no error)
             pretrain.train_and_evaluate(
                 tiny(num_steps=100000), str(tmp_path), stop_at_step=latest + 2
@@ -154,8 +155,8 @@ def test_second_run_on_a_live_workdir_is_refused_with_host_and_pid(tmp_path):
         assert f"PID {first.pid}" in str(error.value) and socket.gethostname() in str(error.value)
     finally:
         first.send_signal(signal.SIGTERM)
-        first.communicate(timeout=120)
-    assert first.returncode == 0
+        _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr[-4000:]
     assert not (tmp_path / "lock.json").exists()
 
 

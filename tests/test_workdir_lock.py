@@ -105,6 +105,22 @@ def test_heartbeat_refreshes_the_lock_and_notices_a_thief(tmp_path, monkeypatch)
     assert (tmp_path / workdir_lock.LOCK_FILE).exists()  # the other run's lock stays
 
 
+def test_an_unreadable_lock_under_a_live_holder_is_rewritten_not_called_a_thief(
+    tmp_path, monkeypatch
+):
+    # A writer that truncates first (write_text) leaves an empty file for a moment; a lock file cut
+    # short for good names nobody. Neither is another run taking the workdir.
+    errors, warnings = capture(monkeypatch, "error"), capture(monkeypatch, "warning")
+    with WorkdirLock(tmp_path, heartbeat_s=0.05, stale_after_s=1) as lock:
+        lock.path.write_text('{"host": "elsewh')
+        time.sleep(0.4)
+        holder = json.loads(lock.path.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    assert errors == []
+    assert len(warnings) == 1 and "unreadable" in warnings[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.filterwarnings("ignore:os.fork():RuntimeWarning")
 def test_concurrent_starts_get_exactly_one_lock(tmp_path):
     # Four forked processes wait on one pipe, then all try to create the lock at once (file

@@ -55,6 +55,9 @@ class CheckpointManager:
     multiple of it, when it is the run's first checkpoint, on a preemption signal, or with
     `force=True`. Saves are asynchronous; call `wait()` before reading the
     files and `close()` at the end. Every process must call `save`/`restore` (orbax coordinates).
+    Only the run that holds the workdir lock may open one: opening deletes unfinished
+    (`*.orbax-checkpoint-tmp`) steps, which in a live run are its save in progress. Anything else
+    reads through `read_only_manager`.
     """
 
     def __init__(

@@ -240,6 +240,13 @@ class WorkdirLock:
         warned = False
         while not self._stop.wait(self.heartbeat_s):
             holder = self._read()
+            if holder == {}:  # caught mid-write (by a writer that truncates first): look again
+                if self._stop.wait(min(self.heartbeat_s, 1.0)):
+                    break
+                holder = self._read()
+                if holder == {}:  # still unreadable: it names nobody, so it is still ours
+                    logging.warning("%s was unreadable; rewriting it", self.path)
+                    holder = None
             if holder is not None and not self._is_me(holder):
                 if not warned:
                     logging.error(

@@ -257,16 +257,17 @@ def main(argv) -> None:
     summary["total_minutes"] = (time.time() - started) / 60
     with open(os.path.join(out, "summary.json"), "w") as file:
         json.dump(summary, file, indent=1)
-    print_table(summary, pretrained, few, student, train_x.shape[1], counts)
+    print_table(summary, pretrained, few, student, train_x.shape[1], counts, len(test_x))
 
 
-def print_table(summary, pretrained, few, student, dims: int, counts) -> None:
+def print_table(summary, pretrained, few, student, dims: int, counts, test_count: int) -> None:
     import jax
 
     pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
     device = f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s)"
     print(
-        f"\nSimCLR on Fashion-MNIST ({device}, seed {summary['seed']}); test accuracy, 10,000 images"
+        f"\nSimCLR on Fashion-MNIST ({device}, seed {summary['seed']}); "
+        f"test accuracy on {test_count:,} images"
     )
     print(
         f"Pretraining: {pretrained['step']} steps in {summary['pretrain_minutes']:.1f} min; "

@@ -61,7 +61,7 @@ def test_the_demo_reports_every_number_of_its_summary(demo):
     # The figures are real PNG files, and the printed table carries the summary's numbers.
     for figure in ("curves.png", "label_efficiency.png"):
         assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
-    assert "| raw pixels | 784 |" in stdout
+    assert "| raw pixels | 784 |" in stdout and f"test accuracy on {TEST_IMAGES} images" in stdout
     assert f"{100 * summary['linear_pixels_1pct']:.2f}%" in stdout
     assert f"{100 * summary['distill_1pct']:.2f}%" in stdout
 

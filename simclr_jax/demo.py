@@ -127,12 +127,14 @@ def pixel_accuracies(out: str, splits: Splits, label_counts, seed: int) -> dict[
     return saved
 
 
-def same_data(config, pretrain_config) -> None:
-    """A stage's config reads the pretraining's splits and seeds (the tests run on a slice)."""
+def follow_pretraining(config, pretrain_config) -> None:
+    """A stage's config reads the pretraining's splits, seeds and TensorBoard switch (the tests
+    run on a slice, without TensorFlow's import)."""
     config.dataset.train_split = pretrain_config.dataset.train_split
     config.dataset.eval_split = pretrain_config.dataset.eval_split
     config.dataset.data_dir = pretrain_config.dataset.data_dir
     config.seed = config.label_seed = pretrain_config.seed
+    config.tensorboard = pretrain_config.tensorboard
 
 
 def few_label_runs(out: str, pretrain_config, fraction: float, labels: int) -> dict[str, Any]:
@@ -145,7 +147,7 @@ def few_label_runs(out: str, pretrain_config, fraction: float, labels: int) -> d
     tuned_config.init_checkpoint = os.path.join(out, "pretrain")
     scratch_config = finetune_fashion_mnist.get_config(f"recipe=supervised,{arg}")
     for c in (tuned_config, scratch_config):
-        same_data(c, pretrain_config)
+        follow_pretraining(c, pretrain_config)
     tuned, tuned_minutes = run_stage(
         f"fine-tune on {labels} labels", finetune.train_and_evaluate, tuned_config,
         os.path.join(out, f"finetune_{labels}"),
@@ -164,7 +166,7 @@ def distill_run(out: str, pretrain_config, labels: int) -> tuple[dict[str, Any],
     from simclr_jax.configs import distill_fashion_mnist
 
     config = distill_fashion_mnist.get_config(f"size={FLAGS.size}")
-    same_data(config, pretrain_config)
+    follow_pretraining(config, pretrain_config)
     config.label_fraction = FEW
     config.teacher_checkpoint = os.path.join(out, f"finetune_{labels}")
     config.init_checkpoint = os.path.join(out, "pretrain")

@@ -29,7 +29,7 @@ def run_demo(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "simclr_jax.demo", "--size=tiny", f"--workdir={workdir}",
         f"--config={CONFIG}:tiny", f"--config.dataset.train_split=train[:{TRAIN_IMAGES}]",
-        f"--config.dataset.eval_split=test[:{TEST_IMAGES}]", *flags,
+        f"--config.dataset.eval_split=test[:{TEST_IMAGES}]", "--config.tensorboard=False", *flags,
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
@@ -58,6 +58,8 @@ def test_the_demo_reports_every_number_of_its_summary(demo):
     for stage in ("pretrain", "finetune_20", "scratch_20", "distill"):
         results = json.loads((workdir / stage / "results.json").read_text())
         assert results["step"] > 0, stage
+    # Every stage follows the pretraining config's --config.tensorboard=False.
+    assert not list(workdir.rglob("events.out.tfevents*"))
     # The figures are real PNG files, and the printed table carries the summary's numbers.
     for figure in ("curves.png", "label_efficiency.png"):
         assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -15,7 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from test_finetune import CONFIGS, load_config
+from test_finetune import load_config
+from test_recipe_e2e import run_cli
 
 from simclr_jax import encoder, finetune
 from simclr_jax.data import digits, fashion_mnist, sources, stage_data
@@ -117,16 +117,6 @@ def test_match_channels_repeats_grey_and_takes_the_luma_of_rgb():
 
 
 # ------------------------------------------------------------ Fashion-MNIST -> digits, end to end
-
-
-def run_cli(module: str, config: str, workdir: pathlib.Path, *overrides: str) -> dict:
-    command = [
-        sys.executable, "-m", module, f"--config={CONFIGS / config}",
-        f"--workdir={workdir}", *overrides,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((workdir / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")

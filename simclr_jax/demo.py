@@ -129,7 +129,7 @@ def pixel_accuracies(out: str, splits: Splits, label_counts, seed: int) -> dict[
 
 def follow_pretraining(config, pretrain_config) -> None:
     """A stage's config reads the pretraining's splits, seeds and TensorBoard switch (the tests
-    run on a slice, without TensorFlow's import)."""
+    run on a slice; `--config.tensorboard=False` turns the event files off for every stage)."""
     config.dataset.train_split = pretrain_config.dataset.train_split
     config.dataset.eval_split = pretrain_config.dataset.eval_split
     config.dataset.data_dir = pretrain_config.dataset.data_dir

@@ -29,7 +29,7 @@ def run_demo(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "simclr_jax.demo", "--size=tiny", f"--workdir={workdir}",
         f"--config={CONFIG}:tiny", f"--config.dataset.train_split=train[:{TRAIN_IMAGES}]",
-        f"--config.dataset.eval_split=test[:{TEST_IMAGES}]", "--config.tensorboard=False", *flags,
+        f"--config.dataset.eval_split=test[:{TEST_IMAGES}]", *flags,
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
@@ -58,8 +58,6 @@ def test_the_demo_reports_every_number_of_its_summary(demo):
     for stage in ("pretrain", "finetune_20", "scratch_20", "distill"):
         results = json.loads((workdir / stage / "results.json").read_text())
         assert results["step"] > 0, stage
-    # Every stage follows the pretraining config's --config.tensorboard=False.
-    assert not list(workdir.rglob("events.out.tfevents*"))
     # The figures are real PNG files, and the printed table carries the summary's numbers.
     for figure in ("curves.png", "label_efficiency.png"):
         assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
@@ -92,3 +90,25 @@ def test_missing_data_files_fail_fast_with_the_install_command(tmp_path):
     assert "dataset-fashion-mnist" in last_line and "make data" in last_line
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "pretrain").exists()
+
+
+def test_every_stage_follows_the_pretraining_data_seed_and_tensorboard_switch():
+    from simclr_jax.configs import (
+        distill_fashion_mnist,
+        finetune_fashion_mnist,
+        pretrain_fashion_mnist,
+    )
+    from simclr_jax.demo import follow_pretraining
+
+    pretraining = pretrain_fashion_mnist.get_config("demo")
+    pretraining.dataset.train_split, pretraining.dataset.eval_split = "train[:100]", "test[:50]"
+    pretraining.seed, pretraining.tensorboard = 7, False
+    stages = [
+        finetune_fashion_mnist.get_config("recipe=semi,fraction=0.01,size=demo"),
+        distill_fashion_mnist.get_config("size=demo"),
+    ]
+    for stage in stages:
+        assert stage.tensorboard and stage.seed != 7  # the presets' own values differ
+        follow_pretraining(stage, pretraining)
+        assert (stage.dataset.train_split, stage.dataset.eval_split) == ("train[:100]", "test[:50]")
+        assert (stage.seed, stage.label_seed, stage.tensorboard) == (7, 7, False)

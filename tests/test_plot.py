@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory):
             sys.executable, "-m", "simclr_jax.pretrain",
             f"--config={pretrain_fashion_mnist.__file__}:tiny", f"--workdir={workdir}",
             "--config.num_steps=3", "--config.dataset.train_split=train[:1024]",
-            "--config.dataset.eval_split=test[:300]", "--config.tensorboard=False",
+            "--config.dataset.eval_split=test[:300]",
         ],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip

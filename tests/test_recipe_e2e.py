@@ -26,11 +26,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def run_cli(module: str, config: str, workdir: pathlib.Path, *overrides: str) -> dict:
-    """Runs a stage's command line; its results.json. Without TensorBoard files (those are
-    tests/test_pretrain.py's): TensorFlow's import would add ~10 s to every run."""
+    """Runs a stage's command line; its results.json."""
     command = [
         sys.executable, "-m", module, f"--config={CONFIGS / config}",
-        f"--workdir={workdir}", "--config.tensorboard=False", *overrides,
+        f"--workdir={workdir}", *overrides,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]

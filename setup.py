@@ -1,6 +1,14 @@
 """simclr_jax: SimCLR v1 and SimCLRv2 (pretrain, fine-tune, distill) in JAX and Flax."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version is written once, in simclr_jax/__init__.py.
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', Path("simclr_jax/__init__.py").read_text(), re.M
+).group(1)
 
 INSTALL_REQUIRES = [
     # jax 0.10.x is what pip resolves on Python 3.11; newer jax (0.11/0.12 on Python 3.12) is supported.
@@ -33,12 +41,15 @@ EXTRAS_REQUIRE = {
 
 setup(
     name="simclr_jax",
-    version="0.1.0",
+    version=VERSION,
     description="SimCLR v1 and SimCLRv2 in JAX/Flax: pretraining, fine-tuning and distillation.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["simclr_jax", "simclr_jax.*"]),
+    # The presets live in the top-level configs/ (the project's card) and install as
+    # simclr_jax.configs, so `--config=pretrain_imagenet:r50_1x_sk1` works after `pip install .`.
+    packages=find_packages(include=["simclr_jax", "simclr_jax.*"]) + ["simclr_jax.configs"],
+    package_dir={"simclr_jax.configs": "configs"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license="Apache-2.0",

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax import config as base_config
 from simclr_jax import parallel, pretrain
+from simclr_jax.configs import base as base_config
 from simclr_jax.data import augment
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.optim import warmup_cosine_schedule
@@ -76,7 +76,7 @@ def bench_config(
     proj_out_dim: int = 128,
     num_proj_layers: int = 2,
 ) -> ml_collections.ConfigDict:
-    """A pretraining config as the presets in simclr_jax/configs/ set it (CIFAR recipe at <= 32 px,
+    """A pretraining config as the presets in configs/ set it (CIFAR recipe at <= 32 px,
     else ImageNet's: colour strength 1.0 and blur)."""
     c = base_config.pretrain_config()
     c.dataset.image_size = image_size

@@ -1,6 +1,6 @@
 """How well the pretraining step uses a CPU: XLA's FLOPs per second against the machine's matmul rate.
 
-    python benchmarks/cpu_efficiency.py [--config=simclr_jax/configs/pretrain_fashion_mnist.py:demo]
+    python benchmarks/cpu_efficiency.py [--config=configs/pretrain_fashion_mnist.py:demo]
         [--cpu_devices=N] [--steps=8] [--layers] [--config.FIELD=VALUE ...]
 
 Prints one line, `step_gflops_per_s=... matmul_gflops_per_s=... ratio=...`, where the step's rate is
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simclr_jax import parallel  # noqa: E402  (no JAX device is touched at import)
 
 DEMO_CONFIG = str(
-    Path(__file__).resolve().parents[1] / "simclr_jax" / "configs" / "pretrain_fashion_mnist.py"
+    Path(__file__).resolve().parents[1] / "configs" / "pretrain_fashion_mnist.py"
 )
 config_flags.DEFINE_config_file("config", f"{DEMO_CONFIG}:demo", "Pretraining config.")
 flags.DEFINE_integer("cpu_devices", 0, "JAX CPU devices (0: one per core).")

@@ -439,7 +439,7 @@ if wants pretrain; then
   else
     run_part pretrain "$LOG_DIR/pretrain.log" \
       "$PYTHON" -m simclr_jax.pretrain \
-      --config=simclr_jax/configs/pretrain_fashion_mnist.py:resnet18 --workdir="$WORKDIR" \
+      --config=configs/pretrain_fashion_mnist.py:resnet18 --workdir="$WORKDIR" \
       --config.dataset.source=local --config.dataset.data_dir="$DATA_DIR" \
       --config.num_epochs="$EPOCHS" --config.optim.warmup_epochs="$WARMUP_EPOCHS" \
       --config.dtype=bfloat16 --config.eval_every_steps="$EVAL_EVERY"

@@ -18,8 +18,8 @@ usage: launch/local_gpu.sh [--stage STAGE] [--gpus LIST] [--processes N] [--port
   --dry-run     print the commands instead of running them
 
 Examples:
-  launch/local_gpu.sh -- --config=simclr_jax/configs/pretrain_cifar10.py --workdir=/tmp/c10
-  launch/local_gpu.sh --gpus 0,1 --processes 2 -- --config=simclr_jax/configs/pretrain_cifar10.py --workdir=/tmp/c10
+  launch/local_gpu.sh -- --config=configs/pretrain_cifar10.py --workdir=/tmp/c10
+  launch/local_gpu.sh --gpus 0,1 --processes 2 -- --config=configs/pretrain_cifar10.py --workdir=/tmp/c10
 
 The interpreter is $SIMCLR_PYTHON, else <checkout>/.venv/bin/python (launch/bootstrap_host.sh).
 EOF

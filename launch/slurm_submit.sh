@@ -21,7 +21,7 @@ usage: launch/slurm_submit.sh --nodes N [--gpus-per-node G] [--per gpu|node] [--
 
 Example (4 nodes x 8 GPUs = 32 processes, ImageNet data and workdir on a shared filesystem):
   launch/slurm_submit.sh --nodes 4 --partition gpu -- \
-      --config=simclr_jax/configs/pretrain_imagenet.py:r50_1x_sk0 --workdir=/shared/runs/r50 \
+      --config=configs/pretrain_imagenet.py:r50_1x_sk0 --workdir=/shared/runs/r50 \
       --config.dataset.data_dir=/shared/tensorflow_datasets
 EOF
 }

@@ -45,7 +45,7 @@ Example (v4-32 = 4 hosts x 4 chips):
   launch/tpu_vm.sh copy   --name simclr --zone us-central2-b
   launch/tpu_vm.sh setup  --name simclr --zone us-central2-b
   launch/tpu_vm.sh run    --name simclr --zone us-central2-b -- \
-      --config=simclr_jax/configs/pretrain_imagenet.py:r50_1x_sk0 --workdir=gs://BUCKET/r50 \
+      --config=configs/pretrain_imagenet.py:r50_1x_sk0 --workdir=gs://BUCKET/r50 \
       --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
   launch/tpu_vm.sh evaluate --name simclr --zone us-central2-b -- --workdir=gs://BUCKET/r50
   launch/tpu_vm.sh logs   --name simclr --zone us-central2-b

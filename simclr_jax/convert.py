@@ -33,7 +33,7 @@ import numpy as np
 from absl import flags
 
 from simclr_jax import cli
-from simclr_jax import config as base_config
+from simclr_jax.configs import base as base_config
 from simclr_jax.models.heads import num_head_layers
 from simclr_jax.official import ConversionError, Parsed, Plan, make_plan, parse
 from simclr_jax.official.plan import IMAGE_SIZE

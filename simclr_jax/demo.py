@@ -3,7 +3,7 @@
     python -m simclr_jax.demo [--workdir=demo_out] [--config.seed=1] [--config.num_epochs=4 ...]
     python -m simclr_jax.demo --sweep        # `make demo-sweep`: 60 / 600 / 6,000 / 60,000 labels
 
-1. Pretrain the demo preset of simclr_jax/configs/pretrain_fashion_mnist.py (the CPU-shaped
+1. Pretrain the demo preset of configs/pretrain_fashion_mnist.py (the CPU-shaped
    convnet) on one JAX device per core (parallel.use_cpu_devices).
 2. Its frozen features against the raw pixels: the same logistic regression on both, its L2
    penalty chosen on held-out training labels for each (train/linear_fit.py), with 600 (1%) and
@@ -84,7 +84,7 @@ def embed(workdir: str, images, batch: int = 2000):
     import jax.numpy as jnp
     import numpy as np
 
-    from simclr_jax.encoder import load_encoder
+    from simclr_jax.saved_run import load_encoder
 
     apply_fn, variables = load_encoder(workdir)
     chunks = [
@@ -203,7 +203,7 @@ def main(argv) -> None:
     seed, out = config.seed, FLAGS.workdir
     splits = load_splits(config)  # before anything slow: a missing package fails in seconds
     from simclr_jax import pretrain
-    from simclr_jax.train import evaluate
+    from simclr_jax.train import scoring
 
     os.makedirs(out, exist_ok=True)
     pretrain_dir = os.path.join(out, "pretrain")
@@ -212,7 +212,7 @@ def main(argv) -> None:
     )
     train_x = embed(pretrain_dir, splits.train_images)
     test_x = embed(pretrain_dir, splits.test_images)
-    knn = evaluate.knn_evaluate(
+    knn = scoring.knn_evaluate(
         train_x, splits.train_labels, test_x, splits.test_labels, num_classes=10
     )
     num_train = len(splits.train_labels)

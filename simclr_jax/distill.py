@@ -1,6 +1,6 @@
 """Distillation (SimCLRv2's third step): a fine-tuned teacher labels unlabelled images for a student.
 
-    python -m simclr_jax.distill --config=simclr_jax/configs/distill_fashion_mnist.py:demo \
+    python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:demo \
         --workdir=/tmp/ds --config.teacher_checkpoint=/tmp/ft \
         [--config.init_checkpoint=/tmp/fm --config.alpha=0.5]
 
@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simclr_jax import cli, encoder, losses, optim, parallel, validation
+from simclr_jax import cli, losses, optim, parallel, saved_run, validation
 from simclr_jax.data import stage_data, views
 from simclr_jax.models import SimCLRModel, build_for_run
 from simclr_jax.train import evaluators, runner
-from simclr_jax.train.state import TrainState, averaged_update, fine_tune_state
+from simclr_jax.train.state import TrainState
+from simclr_jax.train.update import averaged_update, fine_tune_state
 
 LABELED_STREAM = 1  # augmentation key stream of the labelled batch (0 = the unlabelled batch)
 
@@ -92,18 +93,20 @@ def train_and_evaluate(
     'teacher_top1'/'teacher_top5', 'knn_top1' (student features, when on) and 'step'.
     """
     validation.validate_distill(config)
-    teacher_run = encoder.read_teacher(config.teacher_checkpoint, field="config.teacher_checkpoint")
+    teacher_run = saved_run.read_teacher(
+        config.teacher_checkpoint, field="config.teacher_checkpoint"
+    )
     init_run = None
     if config.init_checkpoint:
-        init_run = encoder.read_run(config.init_checkpoint, field="config.init_checkpoint")
-    config = encoder.resolve_model(config, "student.model", init_run or teacher_run)
+        init_run = saved_run.read_run(config.init_checkpoint, field="config.init_checkpoint")
+    config = saved_run.resolve_model(config, "student.model", init_run or teacher_run)
     size = config.dataset.image_size
     validation.check_model(config.student.model, size)
     with_labels = config.alpha > 0
     batches = ("batch_size", "eval_batch_size") + ("labeled_batch_size",) * with_labels
     dp = parallel.from_config(config, batches)
-    teacher = encoder.build_from_run(teacher_run, dtype=config.dtype)
-    teacher_variables = dp.replicate(encoder.restore_variables(teacher_run, teacher))
+    teacher = saved_run.build_from_run(teacher_run, dtype=config.dtype)
+    teacher_variables = dp.replicate(saved_run.restore_variables(teacher_run, teacher))
     if teacher_run.image_size != size:
         logging.warning(
             "the teacher saw %d px images; it labels %d px views", teacher_run.image_size, size
@@ -115,7 +118,7 @@ def train_and_evaluate(
 
     def initial_state(resuming: bool) -> TrainState:
         start = None if resuming else init_run
-        variables = encoder.initial_variables(student, config.seed, size, data.channels, start)
+        variables = saved_run.initial_variables(student, config.seed, size, data.channels, start)
         return fine_tune_state(
             config.student.model, config.optim, variables, schedule.learning_rate()
         )

@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from simclr_jax import cli, encoder
+from simclr_jax import cli, saved_run
 from simclr_jax.data.augment import CROP_PROPORTION
 from simclr_jax.data.folders import IMAGE_EXTENSIONS
 from simclr_jax.models.resnet import total_stride
@@ -192,9 +192,9 @@ def embed(
     `image_size` defaults to the size the run trained at (224 for the converted official models).
     For a distillation workdir the network is the student.
     """
-    run = encoder.read_run(workdir)
+    run = saved_run.read_run(workdir)
     image_size = run.image_size if image_size is None else image_size
-    model = encoder.build_from_run(run)
+    model = saved_run.build_from_run(run)
     if not isinstance(image_size, int) or image_size < total_stride(model.cifar_stem):
         raise ValueError(
             f"image_size must be an integer >= {total_stride(model.cifar_stem)} for this network, "
@@ -202,7 +202,7 @@ def embed(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    variables = encoder.restore_variables(run, model)
+    variables = saved_run.restore_variables(run, model)
     files = list_images(images)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {images}")

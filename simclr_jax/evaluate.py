@@ -6,7 +6,7 @@ As the reference's `--mode=eval` job: it polls the workdir, and for each new che
 the probe's exact top-1/top-5 and the kNN monitor (a pretraining run) or the classifier's exact
 top-1/top-5 and kNN (a fine-tuned or distilled run), under the metric names of the evaluation
 inside training, in `workdir/eval/` (metrics.jsonl, TensorBoard, results.json). It goes on where
-it stopped when restarted and exits after the run's final step (train/eval_job.py).
+it stopped when restarted and exits after the run's final step (train/checkpoint_follower.py).
 
 It needs no config: the workdir's checkpoint says how the run was made. `--config` replaces that
 saved config, say to point dataset.data_dir elsewhere or to change eval_batch_size; the network
@@ -22,16 +22,16 @@ from typing import Any
 
 import ml_collections
 
-from simclr_jax import cli, encoder, optim, parallel
+from simclr_jax import cli, optim, parallel, saved_run
 from simclr_jax.data import stage_data
-from simclr_jax.train import checkpoint, eval_job, evaluators
+from simclr_jax.train import checkpoint, checkpoint_follower, evaluators
 
 DEFAULT_K = 200  # pretraining configs have no knn block: the InstDisc monitor's defaults
 DEFAULT_TEMPERATURE = 0.1
 
 
 def build(
-    run: encoder.SavedRun, config: ml_collections.ConfigDict
+    run: saved_run.SavedRun, config: ml_collections.ConfigDict
 ) -> tuple[Callable[[int], dict[str, Any]], int]:
     """(evaluate_step(step) -> metrics, the run's final step) for `run`'s stage."""
     if not config.dataset.eval_split:
@@ -39,7 +39,7 @@ def build(
             f"{run.workdir} has no dataset.eval_split to evaluate on: give a --config with one"
         )
     dp = parallel.from_config(config, ("eval_batch_size",))
-    model = encoder.build_from_run(run, dtype=config.dtype)
+    model = saved_run.build_from_run(run, dtype=config.dtype)
     size = config.dataset.image_size
     if run.stage == "pretrain":
         data = stage_data.pretraining_data(config, dp.mesh)
@@ -65,7 +65,7 @@ def build(
             data = stage_data.distillation_data(config, dp.mesh, run.num_classes)
         found = evaluators.classifier_evaluators(dp, model, config, data)
     final_step = optim.train_schedule(config, data.num_examples).total_steps
-    target = encoder.abstract_variables(model, run.image_size, run.channels)
+    target = saved_run.abstract_variables(model, run.image_size, run.channels)
 
     def evaluate_step(step: int) -> dict[str, Any]:
         variables = dp.replicate(checkpoint.restore_weights(run.workdir, target, step=step))
@@ -77,12 +77,12 @@ def build(
     return evaluate_step, final_step
 
 
-def wait_for_run(workdir: str, *, poll_s: float, timeout_s: float | None) -> encoder.SavedRun:
+def wait_for_run(workdir: str, *, poll_s: float, timeout_s: float | None) -> saved_run.SavedRun:
     """The workdir's newest checkpoint, waiting for the first one (a run that just started)."""
     start = time.monotonic()
     while True:
         try:
-            return encoder.read_run(workdir, field="--workdir")
+            return saved_run.read_run(workdir, field="--workdir")
         except ValueError:
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 raise
@@ -105,7 +105,7 @@ def evaluate_workdir(
     if config is None:
         config = ml_collections.ConfigDict(run.config)
     evaluate_step, final_step = build(run, config)
-    return eval_job.run(
+    return checkpoint_follower.run(
         workdir, evaluate_step, final_step=final_step, poll_s=poll_s, timeout_s=timeout_s
     )
 

@@ -1,6 +1,6 @@
 """Fine-tuning, linear evaluation and the supervised baseline, from a pretraining workdir or scratch.
 
-    python -m simclr_jax.finetune --config=simclr_jax/configs/finetune_fashion_mnist.py:1pct \
+    python -m simclr_jax.finetune --config=configs/finetune_fashion_mnist.py:1pct \
         --workdir=/tmp/ft --config.init_checkpoint=/tmp/fm [--config.label_fraction=0.05 ...]
 
 The pretraining workdir is enough: its saved config gives the architecture (explicit
@@ -12,7 +12,7 @@ init_classifier_by_linear_fit the classifier starts at the logistic regression o
 features on the labelled examples (LP-FT: train/classifier_init.py). Rerunning the same command
 resumes from the newest checkpoint in --workdir.
 
-Transfer: the checkpoint may come from another dataset (simclr_jax/configs/transfer_digits.py):
+Transfer: the checkpoint may come from another dataset (configs/transfer_digits.py):
 images are resized to dataset.image_size on the device, their channels converted to the
 checkpoint's (data/stage_data.match_channels), and an auto CIFAR stem stays the checkpoint's.
 
@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simclr_jax import cli, encoder, losses, optim, parallel, validation
+from simclr_jax import cli, losses, optim, parallel, saved_run, validation
 from simclr_jax.data import stage_data, views
 from simclr_jax.models import LINEAR_EVAL_BLOCK, SimCLRModel, build_for_run
 from simclr_jax.train import classifier_init, evaluators, runner
-from simclr_jax.train.state import TrainState, averaged_update, fine_tune_state
+from simclr_jax.train.state import TrainState
+from simclr_jax.train.update import averaged_update, fine_tune_state
 
 
 def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict, *, precropped=False):
@@ -85,8 +86,8 @@ def train_and_evaluate(
     validation.validate_finetune(config)
     run = None
     if config.init_checkpoint:
-        run = encoder.read_run(config.init_checkpoint, field="config.init_checkpoint")
-    config = encoder.resolve_model(config, "model", run)
+        run = saved_run.read_run(config.init_checkpoint, field="config.init_checkpoint")
+    config = saved_run.resolve_model(config, "model", run)
     validation.check_model(config.model, config.dataset.image_size)
     dp = parallel.from_config(config)
     data = stage_data.labeled_data(config, dp.mesh, channels=None if run is None else run.channels)
@@ -105,7 +106,7 @@ def train_and_evaluate(
     def initial_state(resuming: bool) -> TrainState:
         # Resuming restores every variable, so the checkpoint to start from is not read.
         start = None if resuming else run
-        variables = encoder.initial_variables(model, config.seed, size, data.channels, start)
+        variables = saved_run.initial_variables(model, config.seed, size, data.channels, start)
         if start is not None and config.init_classifier_by_linear_fit:
             classifier = classifier_init.linear_fit_classifier(
                 model, variables, data.train_arrays, image_size=size, seed=config.seed

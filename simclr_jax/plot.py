@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from simclr_jax.train import metrics as metrics_lib
 
-EVAL_DIR = "eval"  # the evaluation job's folder inside a workdir (train/eval_job.py)
+EVAL_DIR = "eval"  # the evaluation job's folder inside a workdir (train/checkpoint_follower.py)
 CURVES_FILE = "curves.png"
 PREFIXES = ("", "train/", "eval/")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")

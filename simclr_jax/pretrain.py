@@ -1,6 +1,6 @@
 """Contrastive pretraining (SimCLR v1/v2) with an online linear probe.
 
-    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_fashion_mnist.py \
+    python -m simclr_jax.pretrain --config=configs/pretrain_fashion_mnist.py \
         --workdir=/tmp/fm [--config.batch_size=512 ...]
 
 Reads in the order the work happens: validate, mesh, data, schedule, model, state, step,

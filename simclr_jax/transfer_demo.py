@@ -3,10 +3,10 @@
     python -m simclr_jax.transfer_demo [--workdir=demo_out]
 
 1. The pretraining is WORKDIR/pretrain, the one `make demo` leaves. If it has no results.json
-   yet, the demo preset of simclr_jax/configs/pretrain_fashion_mnist.py runs (or resumes) there
+   yet, the demo preset of configs/pretrain_fashion_mnist.py runs (or resumes) there
    first.
 2. On scikit-learn's digits (data/digits.py: 1,297 training labels, 500 test images, 28x28x1),
-   the demo presets of simclr_jax/configs/transfer_digits.py: linear evaluation of the frozen
+   the demo presets of configs/transfer_digits.py: linear evaluation of the frozen
    network, fine-tuning from the first projection-head layer, and the same network trained from
    scratch on the same labels for the same number of steps.
 
@@ -23,7 +23,7 @@ import os
 import jax
 from absl import flags, logging
 
-from simclr_jax import cli, encoder, finetune, pretrain
+from simclr_jax import cli, finetune, pretrain, saved_run
 from simclr_jax.configs import pretrain_fashion_mnist, transfer_digits
 from simclr_jax.data import digits
 from simclr_jax.demo import run_stage
@@ -42,7 +42,7 @@ def is_finished(pretrain_dir: str) -> bool:
     if not os.path.exists(os.path.join(pretrain_dir, "results.json")):
         return False
     try:
-        encoder.read_run(pretrain_dir)
+        saved_run.read_run(pretrain_dir)
     except ValueError:
         return False
     return True

@@ -36,7 +36,7 @@ SCRIPT = [
 def command(workdir):
     return [
         sys.executable, "-c", LAUNCH, "simclr_jax.pretrain",
-        "--config=simclr_jax/configs/pretrain_fashion_mnist.py:tiny", f"--workdir={workdir}",
+        "--config=configs/pretrain_fashion_mnist.py:tiny", f"--workdir={workdir}",
         f"--config.num_steps={TOTAL}", "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=4", "--config.dataset.train_split=train[:512]",
         "--config.dataset.eval_split=",

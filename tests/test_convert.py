@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import simclr_jax
-from simclr_jax import convert, distill, encoder, finetune
+from simclr_jax import convert, distill, finetune, saved_run
 from simclr_jax.configs import distill_fashion_mnist, finetune_fashion_mnist
 from simclr_jax.official import ConversionError, make_plan, parse, reader
 
@@ -78,8 +78,8 @@ def save_checkpoint(prefix: pathlib.Path, tensors: dict[str, np.ndarray]) -> str
 
 def restored(workdir) -> dict:
     """{'params', 'batch_stats'} of a workdir, as our stages read them."""
-    run = encoder.read_run(str(workdir))
-    return jax.tree.map(np.asarray, encoder.restore_variables(run, encoder.build_from_run(run)))
+    run = saved_run.read_run(str(workdir))
+    return jax.tree.map(np.asarray, saved_run.restore_variables(run, saved_run.build_from_run(run)))
 
 
 # --------------------------------------------------------------------------- layouts (no arrays)
@@ -168,9 +168,9 @@ def official(gen, tmp_path_factory):
 
 @functools.cache
 def forward(workdir: str, images: bytes):
-    run = encoder.read_run(workdir)
-    model = encoder.build_from_run(run)
-    variables = encoder.restore_variables(run, model)
+    run = saved_run.read_run(workdir)
+    model = saved_run.build_from_run(run)
+    variables = saved_run.restore_variables(run, model)
     x = np.frombuffer(images, np.float32).reshape(2, 64, 64, 3)
     out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
     return run, variables, jax.tree.map(np.asarray, out)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import config as base_config
+from simclr_jax.configs import base as base_config
 from simclr_jax.models import build_model, frozen_mask, init_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import pytest
 from simclr_jax.data import fashion_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "simclr_jax" / "configs" / "pretrain_fashion_mnist.py"
+CONFIG = ROOT / "configs" / "pretrain_fashion_mnist.py"
 TRAIN_IMAGES, TEST_IMAGES = 2000, 500
 ACCURACIES = (
     "linear_simclr_all", "linear_simclr_1pct", "linear_pixels_all", "linear_pixels_1pct",

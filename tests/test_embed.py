@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from test_convert import gen, tiny_checkpoint  # noqa: F401 - gen is a fixture
 
-from simclr_jax import convert, embed, encoder
+from simclr_jax import convert, embed, saved_run
 from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.models import build_model, init_variables
 from simclr_jax.train import checkpoint
@@ -93,9 +93,9 @@ def own_workdir(path: pathlib.Path) -> str:
 
 def reference_features(workdir: str, paths: list[pathlib.Path], size: int) -> np.ndarray:
     """The network on each image alone (batch of 1): embed's batching and padding change nothing."""
-    run = encoder.read_run(workdir)
-    model = encoder.build_from_run(run)
-    variables = encoder.restore_variables(run, model)
+    run = saved_run.read_run(workdir)
+    model = saved_run.build_from_run(run)
+    variables = saved_run.restore_variables(run, model)
     apply = jax.jit(lambda x: model.apply(variables, x[None], train=False)["features"][0])
     return np.stack([apply(embed.preprocess(embed.decode(p, run.channels), size)) for p in paths])
 

@@ -25,7 +25,7 @@ from simclr_jax.train import checkpoint, config_history
 from simclr_jax.train.workdir_lock import WorkdirLockedError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = "simclr_jax/configs/pretrain_fashion_mnist.py:tiny"
+TINY = "configs/pretrain_fashion_mnist.py:tiny"
 NO_TF = "import runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.argv[1:]; " + (
     "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
 )

@@ -17,15 +17,15 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from simclr_jax import encoder, finetune, parallel, validation
+from simclr_jax import finetune, parallel, saved_run, validation
 from simclr_jax.data import stage_data
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.models import build_model, frozen_tree
 from simclr_jax.train import evaluators
-from simclr_jax.train.state import fine_tune_state
+from simclr_jax.train.update import fine_tune_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "simclr_jax" / "configs"  # loaded by path below, as the command line does
+CONFIGS = ROOT / "configs"  # loaded by path below, as the command line does
 
 
 def load_config(file: str, preset: str, *overrides: str):
@@ -101,7 +101,7 @@ def test_label_subsets_are_the_same_in_another_process_with_other_devices():
 @pytest.fixture(scope="module")
 def tiny_model_and_params():
     config = load_config("finetune_fashion_mnist.py", "tiny_supervised")
-    config = encoder.resolve_model(config, "model", None)
+    config = saved_run.resolve_model(config, "model", None)
     model = build_model(config.model, num_classes=10, image_size=28)
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
@@ -172,7 +172,7 @@ def test_linear_evaluation_from_a_head_layer_changes_what_the_reference_changes(
         "--config.optim.weight_decay=0.01", "--config.optim.base_lr=1.0",
         f"--config.model.freeze_head_in_linear_eval={freeze_head}",
     )  # fmt: skip
-    config = encoder.resolve_model(config, "model", None)
+    config = saved_run.resolve_model(config, "model", None)
     model = build_model(config.model, num_classes=10, image_size=28, axis_name="data")
     # Random values of the right shapes (initialising the model would compile a large program),
     # with non-trivial BN statistics so "unchanged" cannot mean "still at their initial values".
@@ -340,10 +340,10 @@ def test_missing_checkpoint_and_selector_beyond_the_head(tmp_path):
 
 def test_finetune_model_config_covers_every_model_field():
     """A model field missing here would silently not be inherited from the checkpoint."""
-    from simclr_jax import config as base
-    from simclr_jax import encoder
+    from simclr_jax import saved_run
+    from simclr_jax.configs import base
 
-    inherited = set(base.finetune_model_config()) - set(encoder.ARCHITECTURE_FIELDS)
+    inherited = set(base.finetune_model_config()) - set(saved_run.ARCHITECTURE_FIELDS)
     assert set(base.finetune_model_config()) == set(base.model_config())
     assert inherited == {
         "ft_proj_selector", "zero_init_logits_layer", "fine_tune_after_block", "global_bn",

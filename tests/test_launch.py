@@ -22,7 +22,7 @@ TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 WHERE = ["--name", "simclr", "--zone", "us-central2-b"]
 STAGE_ARGS = [
     "--",
-    "--config=simclr_jax/configs/pretrain_imagenet.py:r50_1x_sk0",
+    "--config=configs/pretrain_imagenet.py:r50_1x_sk0",
     "--workdir=gs://b/my run",
 ]
 

@@ -12,7 +12,7 @@ import pytest
 from simclr_jax import pretrain
 from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.data import fashion_mnist
-from simclr_jax.encoder import load_encoder
+from simclr_jax.saved_run import load_encoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{pretrain_fashion_mnist.__file__}:tiny"

@@ -14,7 +14,7 @@ import pytest
 from test_finetune import CONFIGS, load_config
 
 import simclr_jax
-from simclr_jax import distill, encoder, finetune
+from simclr_jax import distill, finetune, saved_run
 from simclr_jax.data import fashion_mnist, sources, stage_data
 from simclr_jax.train.checkpoint import CheckpointMismatchError
 from simclr_jax.train.linear_fit import fit_within_budget
@@ -97,9 +97,9 @@ def test_fine_tuning_moves_only_what_it_trains(recipe):
     """Frozen stages (up to block_group2) and the unused second head layer are bit-identical to
     the pretrained weights and statistics; block_group3 and the first head layer moved."""
     workdirs, _ = recipe
-    runs = {s: encoder.read_run(str(workdirs[s])) for s in ("pretrain", "finetune")}
+    runs = {s: saved_run.read_run(str(workdirs[s])) for s in ("pretrain", "finetune")}
     pretrained, finetuned = (
-        encoder.restore_variables(run, encoder.build_from_run(run)) for run in runs.values()
+        saved_run.restore_variables(run, saved_run.build_from_run(run)) for run in runs.values()
     )
 
     def named(tree):  # the probe ('classifier', its input norm) is not carried over
@@ -161,7 +161,7 @@ def test_a_classifier_initialised_by_a_linear_fit_predicts_as_that_fit(recipe, t
     )  # fmt: skip
     results = finetune.train_and_evaluate(config, str(tmp_path / "lpft"))
 
-    apply_fn, variables = encoder.load_encoder(str(workdirs["pretrain"]))
+    apply_fn, variables = saved_run.load_encoder(str(workdirs["pretrain"]))
     train = stage_data.labeled_subset(
         sources.load_split(config.dataset, "train[:1024]"), 0.5, config.label_seed
     )

@@ -17,7 +17,7 @@ import pytest
 from test_finetune import load_config
 from test_recipe_e2e import run_cli
 
-from simclr_jax import encoder, finetune
+from simclr_jax import finetune, saved_run
 from simclr_jax.data import digits, fashion_mnist, sources, stage_data
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.train import checkpoint
@@ -152,13 +152,13 @@ def test_architecture_and_weights_come_from_the_checkpoint(transferred):
     assert saved["dataset"]["name"] == "sklearn_digits"
     architecture = {k: saved["model"][k] for k in ("depth", "base_width", "proj_out_dim")}
     assert architecture == {"depth": 18, "base_width": 4, "proj_out_dim": 16}  # the tiny preset's
-    pretrained, tuned = (encoder.read_run(str(root / name)) for name in ("pretrain", "digits"))
+    pretrained, tuned = (saved_run.read_run(str(root / name)) for name in ("pretrain", "digits"))
     # A new classifier on head layer 1 (width 32 = base width 4 x 8), one output per digit.
     assert tuned.shapes["params/classifier/kernel"] == (32, 10) and tuned.num_classes == 10
     # Head layer 2 feeds nothing when ft_proj_selector=1: frozen, so bit-identical to the
     # pretrained one (a random initialisation could not be).
     before, after = (
-        encoder.restore_variables(run, encoder.build_from_run(run))["params"]["head"]["dense2"]
+        saved_run.restore_variables(run, saved_run.build_from_run(run))["params"]["head"]["dense2"]
         for run in (pretrained, tuned)
     )
     np.testing.assert_array_equal(before["kernel"], after["kernel"])
@@ -167,8 +167,8 @@ def test_architecture_and_weights_come_from_the_checkpoint(transferred):
 def rgb_copy(workdir: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
     """The pretraining with a 3-channel stem: a third of the grey kernel on each colour, so on
     grey RGB images it computes what the original computes on grayscale ones."""
-    run = encoder.read_run(str(workdir))
-    variables = encoder.restore_variables(run, encoder.build_from_run(run))
+    run = saved_run.read_run(str(workdir))
+    variables = saved_run.restore_variables(run, saved_run.build_from_run(run))
     stem = variables["params"]["backbone"]["stem"]["conv1"]
     stem["kernel"] = np.repeat(np.asarray(stem["kernel"]) / 3, 3, axis=2)
     with checkpoint.CheckpointManager(target, config=run.config, async_save=False) as manager:
@@ -180,7 +180,7 @@ def rgb_copy(workdir: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
 def test_grayscale_digits_transfer_to_an_rgb_network(transferred, tmp_path):
     root, _ = transferred
     rgb_dir = rgb_copy(root / "pretrain", tmp_path / "rgb_pretrain")
-    assert encoder.read_run(str(rgb_dir)).channels == 3
+    assert saved_run.read_run(str(rgb_dir)).channels == 3
     # Without the conversion the 1-channel digits would not fit the stem's weights
     # (CheckpointMismatchError); the run starts and writes its (empty) results.
     config = load_config(
@@ -191,7 +191,7 @@ def test_grayscale_digits_transfer_to_an_rgb_network(transferred, tmp_path):
     images = sources.load_split(digits_config(), "test[:32]")
     rgb_images = stage_data.match_channels(images, 3).images
     (grey_fn, grey_vars), (rgb_fn, rgb_vars) = (
-        encoder.load_encoder(str(w)) for w in (root / "pretrain", rgb_dir)
+        saved_run.load_encoder(str(w)) for w in (root / "pretrain", rgb_dir)
     )
     np.testing.assert_allclose(
         rgb_fn(rgb_vars, rgb_images)["features"],

@@ -1,6 +1,6 @@
 """Look at what the network sees: a PNG grid of images next to their two SimCLR views.
 
-    python -m simclr_jax.data.show --config=simclr_jax/configs/pretrain_fashion_mnist.py \
+    python -m simclr_jax.data.show --config=configs/pretrain_fashion_mnist.py \
         --out=pairs.png
 
 Each of the `--num` (8) rows is one training image (its eval view), then view A and view B, with

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from simclr_jax import config as base_config
+from simclr_jax.configs import base as base_config
 from simclr_jax.models import build_model
 from simclr_jax.models.card import SIMCLRV2_SK_RATIO
 from simclr_jax.models.resnet import BLOCKS_PER_GROUP, BOTTLENECK_DEPTHS, SK_MIN_DIM

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from simclr_jax.data import augment
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data.arrays import ImageArrays
-from simclr_jax.train import evaluate
+from simclr_jax.train import scoring
 
 Evaluator = Callable[[Any], dict[str, float]]
 
@@ -68,7 +68,7 @@ class ExactEvaluator:
 
     def __call__(self, state: Any) -> dict[str, float]:
         variables = model_variables(state)
-        result = evaluate.exact_evaluate(
+        result = scoring.exact_evaluate(
             lambda images: self._predict(variables, images), self._batches()
         )
         return {f"{self._prefix}{name}": value for name, value in result.items()}
@@ -79,7 +79,7 @@ class KnnMonitor:
 
     Embeds a labelled training set (the bank) and the eval split with the current model (centre
     crop, BN in inference mode), then classifies each eval image by its k most similar bank
-    features (evaluate.knn_*). Cheap next to a linear probe, and it trains nothing.
+    features (scoring.knn_*). Cheap next to a linear probe, and it trains nothing.
     """
 
     def __init__(
@@ -104,7 +104,7 @@ class KnnMonitor:
 
     def __call__(self, state: Any) -> dict[str, float]:
         variables = model_variables(state)
-        accuracy = evaluate.knn_evaluate(
+        accuracy = scoring.knn_evaluate(
             self._embed(variables, self._bank),
             self._bank.labels,
             self._embed(variables, self._queries),

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-
-from simclr_jax import parallel
-from simclr_jax.models import frozen_tree, keep_frozen_stats
-from simclr_jax.optim import make_optimizer
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -50,45 +45,3 @@ class TrainState(flax.struct.PyTreeNode):
             batch_stats=new_batch_stats,
             opt_state=opt_state,
         )
-
-
-def fine_tune_state(
-    model_config: Any, optim_config: Any, variables: Any, learning_rate
-) -> TrainState:
-    """A TrainState whose optimizer gives frozen parameters exactly zero updates (and no state).
-
-    model_config: a fine-tuning model block (fine_tune_after_block, ft_proj_selector).
-    """
-    frozen = _frozen(model_config, variables["params"])
-    tx = make_optimizer(
-        optim_config, variables["params"], learning_rate=learning_rate, frozen=frozen
-    )
-    return TrainState.create(
-        params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
-    )
-
-
-def averaged_update(
-    state: TrainState, loss_fn: Callable, model_config: Any = None
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Per replica: one optimizer update from `loss_fn(params) -> (loss, (metrics, batch_stats))`.
-
-    Gradients, metrics and new BN statistics are averaged over replicas first
-    (parallel.replica_mean). With a fine-tuning `model_config`, the statistics of frozen layers
-    keep their old values bit for bit.
-    """
-    grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads, aux, batch_stats = parallel.replica_mean((grads, aux, batch_stats))
-    if model_config is not None:
-        frozen = _frozen(model_config, state.batch_stats)
-        batch_stats = keep_frozen_stats(frozen, state.batch_stats, batch_stats)
-    return state.apply_gradients(grads, batch_stats), aux
-
-
-def _frozen(model_config: Any, tree: Any) -> Any:
-    return frozen_tree(
-        tree,
-        fine_tune_after_block=model_config.fine_tune_after_block,
-        ft_proj_selector=model_config.ft_proj_selector,
-        freeze_head_in_linear_eval=model_config.get("freeze_head_in_linear_eval", False),
-    )

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simclr_jax import distill as distill_stage  # noqa: E402
-from simclr_jax import encoder, finetune, parallel, pretrain  # noqa: E402
+from simclr_jax import finetune, parallel, pretrain, saved_run  # noqa: E402
 from simclr_jax.configs import (  # noqa: E402
     distill_fashion_mnist,
     finetune_fashion_mnist,
@@ -37,7 +37,7 @@ from simclr_jax.models import (  # noqa: E402
     init_variables,  # noqa: E402
 )
 from simclr_jax.train import runner  # noqa: E402
-from simclr_jax.train.state import fine_tune_state  # noqa: E402
+from simclr_jax.train.update import fine_tune_state  # noqa: E402
 
 BATCH = 16
 BACKENDS = ("shard_map", "pmap", "forgot_pmean")
@@ -84,9 +84,9 @@ def finetune_case(rng):
     config = finetune_fashion_mnist.get_config("tiny_supervised")
     tiny_architecture(config.model)
     config.model.fine_tune_after_block, config.model.ft_proj_selector = 1, 1
-    config = encoder.resolve_model(config, "model", None)
+    config = saved_run.resolve_model(config, "model", None)
     model = build_for_run(config, config.model, 10)
-    variables = encoder.initial_variables(model, config.seed, 28, 1, None)
+    variables = saved_run.initial_variables(model, config.seed, 28, 1, None)
     state = fine_tune_state(config.model, config.optim, variables, 0.5)
     batch = {"image": images(rng, BATCH), "label": rng.integers(0, 10, BATCH, dtype=np.int32)}
     return finetune.make_train_step(model, config), state, (), batch, config
@@ -97,11 +97,11 @@ def distill_case(rng):
     config = distill_fashion_mnist.get_config("tiny")
     tiny_architecture(config.student.model)
     config.alpha, config.labeled_batch_size = 0.5, 8
-    config = encoder.resolve_model(config, "student.model", None)
+    config = saved_run.resolve_model(config, "student.model", None)
     student = build_for_run(config, config.student.model, 10)
     teacher = build_model(config.student.model, num_classes=10, image_size=28)  # no collectives
     teacher_variables = init_variables(teacher, seed=1, image_size=28, channels=1)
-    variables = encoder.initial_variables(student, config.seed, 28, 1, None)
+    variables = saved_run.initial_variables(student, config.seed, 28, 1, None)
     state = fine_tune_state(config.student.model, config.optim, variables, 0.5)
     batch = {
         "image": images(rng, BATCH),

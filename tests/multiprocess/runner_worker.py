@@ -4,7 +4,7 @@
         python tests/multiprocess/runner_worker.py WORKDIR --num_steps=150
 
 The stage is what the trainers hand train/runner.py, made small: a linear classifier of 4x4 images
-trained by momentum SGD with gradients averaged over replicas (train/state.averaged_update), its
+trained by momentum SGD with gradients averaged over replicas (train/update.averaged_update), its
 batches gathered on device from the step number (data/pipeline.DeviceResidentData). Each step
 also waits STEP_SECONDS on the host, so a run lasts long enough to be interrupted mid-way. At the
 end the process writes WORKDIR/result.<process>.json: the step it ended at and whether it stopped.
@@ -49,7 +49,8 @@ def stage(num_steps: int, mesh):
     from simclr_jax.data import pipeline
     from simclr_jax.data.arrays import ImageArrays
     from simclr_jax.train import runner
-    from simclr_jax.train.state import TrainState, averaged_update
+    from simclr_jax.train.state import TrainState
+    from simclr_jax.train.update import averaged_update
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, CLASSES, EXAMPLES).astype(np.int32)

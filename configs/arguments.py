@@ -1,8 +1,8 @@
 """The argument of a config file's `get_config(arg)`: typed `key=value` pairs and preset names.
 
-    --config=simclr_jax/configs/finetune_fashion_mnist.py:recipe=semi,fraction=0.01,size=tiny
-    --config=simclr_jax/configs/finetune_fashion_mnist.py:1pct             (a preset name)
-    --config=simclr_jax/configs/finetune_fashion_mnist.py:1pct,size=tiny   (a preset, then a change)
+    --config=configs/finetune_fashion_mnist.py:recipe=semi,fraction=0.01,size=tiny
+    --config=configs/finetune_fashion_mnist.py:1pct             (a preset name)
+    --config=configs/finetune_fashion_mnist.py:1pct,size=tiny   (a preset, then a change)
 
 A config file declares its keys with their defaults (the default's type is the key's type) and its
 preset names, each an alias for a `key=value,...` string. The argument is read left to right, so a

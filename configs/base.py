@@ -1,6 +1,6 @@
 """Base configs: every field the trainers read, documented where it is defined.
 
-The files in `simclr_jax/configs/` start from these builders and change values; they never add
+The files in `configs/` start from these builders and change values; they never add
 fields. Configs are locked, so a mistyped field on the command line (`--config.modle.depth=50`) is
 an error naming it, and ml_collections rejects a value of the wrong type (`--config.batch_size=big`).
 Derived values (the scaled learning rate, the number of steps, warmup steps) are computed by the

@@ -39,7 +39,7 @@ def test_pretraining_checkpoints_are_evaluated_once_while_the_run_writes_them(tm
     train = subprocess.run(
         [
             sys.executable, "-c", NO_TF, "simclr_jax.pretrain",
-            "--config=simclr_jax/configs/pretrain_fashion_mnist.py:tiny",
+            "--config=configs/pretrain_fashion_mnist.py:tiny",
             f"--workdir={tmp_path}", "--config.num_steps=9", "--config.log_every_steps=3",
             "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=5",
             "--config.dataset.train_split=train[:256]", "--config.dataset.eval_split=test[:200]",

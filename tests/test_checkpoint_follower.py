@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax.train import eval_job
+from simclr_jax.train import checkpoint_follower
 from simclr_jax.train.checkpoint import CheckpointManager, restore_weights
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -51,7 +51,9 @@ def test_evaluates_each_step_once_while_training_writes_them(tmp_path):
     trainer = threading.Thread(target=train)
     trainer.start()
     calls = []
-    results = eval_job.run(tmp_path, evaluator(tmp_path, calls), final_step=5, poll_s=0.05)
+    results = checkpoint_follower.run(
+        tmp_path, evaluator(tmp_path, calls), final_step=5, poll_s=0.05
+    )
     trainer.join()
     assert calls == [1, 2, 3, 4, 5]
     rows = records(tmp_path)
@@ -64,7 +66,10 @@ def test_evaluates_each_step_once_while_training_writes_them(tmp_path):
     assert not (tmp_path / "eval" / "lock.json").exists()
     # Run again: everything is done, nothing is evaluated twice, the results come back.
     again = []
-    assert eval_job.run(tmp_path, evaluator(tmp_path, again), final_step=5, poll_s=0.05) == results
+    assert (
+        checkpoint_follower.run(tmp_path, evaluator(tmp_path, again), final_step=5, poll_s=0.05)
+        == results
+    )
     assert again == [] and len(records(tmp_path)) == 5
 
 
@@ -81,8 +86,8 @@ def test_an_interrupted_job_resumes_where_it_stopped(tmp_path):
         return inner(step)
 
     with pytest.raises(KeyboardInterrupt):
-        eval_job.run(tmp_path, dies_at_step_4, final_step=6, poll_s=0.01)
-    eval_job.run(tmp_path, inner, final_step=6, poll_s=0.01)
+        checkpoint_follower.run(tmp_path, dies_at_step_4, final_step=6, poll_s=0.01)
+    checkpoint_follower.run(tmp_path, inner, final_step=6, poll_s=0.01)
     assert calls == [2, 4, 6]
     assert [row["step"] for row in records(tmp_path)] == [2, 4, 6]
 
@@ -98,7 +103,7 @@ def test_missing_and_corrupt_steps_are_skipped_and_a_timeout_ends_the_wait(tmp_p
     for path in files:  # every array file emptied: the step cannot be read
         path.write_bytes(b"")
     start = time.monotonic()
-    results = eval_job.run(
+    results = checkpoint_follower.run(
         tmp_path, evaluator(tmp_path, []), final_step=10, poll_s=0.05, timeout_s=0.5
     )
     assert time.monotonic() - start < 30
@@ -118,4 +123,4 @@ def test_the_eval_folder_has_its_own_lock(tmp_path):
         json.dumps({"host": "elsewhere", "pid": 7, "heartbeat": time.time()})
     )
     with pytest.raises(WorkdirLockedError, match="elsewhere"):
-        eval_job.run(tmp_path, lambda step: {}, final_step=1, poll_s=0.01)
+        checkpoint_follower.run(tmp_path, lambda step: {}, final_step=1, poll_s=0.01)

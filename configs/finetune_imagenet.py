@@ -1,6 +1,6 @@
 """Fine-tune on ImageNet (tfds `imagenet2012` / `imagenet2012_subset`, prepared by the user).
 
-    python -m simclr_jax.finetune --config=simclr_jax/configs/finetune_imagenet.py:1pct \
+    python -m simclr_jax.finetune --config=configs/finetune_imagenet.py:1pct \
         --workdir=gs://BUCKET/r152_3x_sk1_ft1pct --config.init_checkpoint=gs://BUCKET/r152_3x_sk1
 
 Images stream from the host (random-resized crop there; flip on the accelerator); evaluation is the
@@ -29,7 +29,7 @@ is recipe=semi,fraction=0.01, supervised_10pct is recipe=supervised,fraction=0.1
                          10pct fine-tuning budget (same labels, same steps).
 """
 
-from simclr_jax import config as base
+from simclr_jax.configs import base
 from simclr_jax.configs.arguments import Arguments
 
 SUBSETS = {0.01: "1pct", 0.1: "10pct"}  # label fraction -> tfds imagenet2012_subset config

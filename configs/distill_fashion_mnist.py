@@ -1,8 +1,8 @@
 """Distil a fine-tuned Fashion-MNIST teacher into a student on the (unlabelled) training images.
 
-    python -m simclr_jax.distill --config=simclr_jax/configs/distill_fashion_mnist.py:self \
+    python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:self \
         --workdir=/tmp/ds --config.teacher_checkpoint=/tmp/ft1
-    python -m simclr_jax.distill --config=simclr_jax/configs/distill_fashion_mnist.py:big_to_small \
+    python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:big_to_small \
         --workdir=/tmp/ds_small --config.teacher_checkpoint=/tmp/ft1
 
 The teacher is a fine-tuning workdir (finetune_fashion_mnist.py, e.g. its 1pct preset); it labels
@@ -23,8 +23,7 @@ Arguments (simclr_jax.configs.arguments), default student=self,size=full:
 Presets: self (the default), big_to_small (student=small), demo (size=demo), tiny (size=tiny).
 """
 
-from simclr_jax import config as base
-from simclr_jax.configs import pretrain_fashion_mnist
+from simclr_jax.configs import base, pretrain_fashion_mnist
 from simclr_jax.configs.arguments import Arguments
 
 ARGUMENTS = Arguments(

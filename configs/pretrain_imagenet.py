@@ -1,8 +1,8 @@
 """Pretrain on ImageNet (tfds `imagenet2012`, prepared by the user; 224 px crops made on the host).
 
-    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_imagenet.py:v1 \
+    python -m simclr_jax.pretrain --config=configs/pretrain_imagenet.py:v1 \
         --workdir=gs://BUCKET/r50
-    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_imagenet.py:r152_3x_sk1 \
+    python -m simclr_jax.pretrain --config=configs/pretrain_imagenet.py:r152_3x_sk1 \
         --workdir=...
 
 Arguments (simclr_jax.configs.arguments): version=1|2 (the recipe, default 1), depth (default 50),
@@ -21,7 +21,7 @@ Presets:
                        (decay 0.999) fills a 65,536-entry queue of extra negatives.
 """
 
-from simclr_jax import config as base
+from simclr_jax.configs import base
 from simclr_jax.configs.arguments import Arguments
 
 V2_PRESETS = {

@@ -1,8 +1,8 @@
 """Pretrain on Fashion-MNIST: the embedded default, real data available offline.
 
-    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_fashion_mnist.py \
+    python -m simclr_jax.pretrain --config=configs/pretrain_fashion_mnist.py \
         --workdir=/tmp/fm
-    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_fashion_mnist.py:resnet18 \
+    python -m simclr_jax.pretrain --config=configs/pretrain_fashion_mnist.py:resnet18 \
         --workdir=/tmp/fm18
 
 Argument (simclr_jax.configs.arguments): size=demo|full|tiny (default demo).
@@ -15,7 +15,7 @@ Argument (simclr_jax.configs.arguments): size=demo|full|tiny (default demo).
 Presets: demo, resnet18 (= size=full), tiny.
 """
 
-from simclr_jax import config as base
+from simclr_jax.configs import base
 from simclr_jax.configs.arguments import Arguments
 
 SIZES = ("full", "demo", "tiny")  # the Fashion-MNIST configs' sizes (network and schedule)

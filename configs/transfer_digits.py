@@ -1,6 +1,6 @@
 """Transfer a Fashion-MNIST pretraining to handwritten digits (scikit-learn's 8x8 digits at 28 px).
 
-    python -m simclr_jax.finetune --config=simclr_jax/configs/transfer_digits.py:demo_finetune \
+    python -m simclr_jax.finetune --config=configs/transfer_digits.py:demo_finetune \
         --workdir=/tmp/digits_ft --config.init_checkpoint=demo_out/pretrain
     python -m simclr_jax.transfer_demo --workdir=demo_out   # all three demo presets, one table
 
@@ -28,9 +28,8 @@ three with demo_ and tiny_ in front (demo_finetune, tiny_scratch, ...), and tiny
 (= tiny_finetune).
 """
 
-from simclr_jax import config as base
+from simclr_jax.configs import base, pretrain_fashion_mnist
 from simclr_jax.configs import finetune_fashion_mnist as recipes
-from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.configs.arguments import Arguments
 
 _METHODS = {"linear_eval": "linear_eval", "finetune": "semi", "scratch": "supervised"}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from simclr_jax import config as base_config
+from simclr_jax.configs import base as base_config
 from simclr_jax.data import augment
 from simclr_jax.models import (
     ARCHITECTURE_FIELDS,

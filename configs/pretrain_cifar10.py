@@ -1,7 +1,7 @@
 """Pretrain on CIFAR-10 (tfds `cifar10`; 32 px, so the CIFAR stem and no blur).
 
-    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_cifar10.py --workdir=/tmp/c10
-    python -m simclr_jax.pretrain --config=simclr_jax/configs/pretrain_cifar10.py:small_batch \
+    python -m simclr_jax.pretrain --config=configs/pretrain_cifar10.py --workdir=/tmp/c10
+    python -m simclr_jax.pretrain --config=configs/pretrain_cifar10.py:small_batch \
         --workdir=/tmp/c10s
 
 Argument (simclr_jax.configs.arguments): recipe=reference|small_batch (default reference); the
@@ -14,7 +14,7 @@ presets reference and small_batch are the same.
   small_batch          batch 256, lr 0.2 with sqrt scaling, a 2-layer head to 64 dims, temperature 0.2.
 """
 
-from simclr_jax import config as base
+from simclr_jax.configs import base
 from simclr_jax.configs.arguments import Arguments
 
 ARGUMENTS = Arguments(

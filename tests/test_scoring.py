@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax.train.evaluate import exact_evaluate, knn_classify, knn_evaluate, knn_scores
+from simclr_jax.train.scoring import exact_evaluate, knn_classify, knn_evaluate, knn_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,8 +78,8 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 sys.path.insert(0, {tests!r})
-from test_evaluate import numpy_metrics, padded_batches, random_eval_set
-from simclr_jax.train.evaluate import exact_evaluate
+from test_scoring import numpy_metrics, padded_batches, random_eval_set
+from simclr_jax.train.scoring import exact_evaluate
 mesh = Mesh(np.array(jax.devices()), ('data',))
 data = NamedSharding(mesh, P('data'))
 logits, labels = random_eval_set(n={n})

@@ -1,9 +1,9 @@
 """Fine-tune on Fashion-MNIST: linear evaluation, semi-supervised fine-tuning, supervised baseline.
 
-    python -m simclr_jax.finetune --config=simclr_jax/configs/finetune_fashion_mnist.py:1pct \
+    python -m simclr_jax.finetune --config=configs/finetune_fashion_mnist.py:1pct \
         --workdir=/tmp/ft1 --config.init_checkpoint=/tmp/fm18
     python -m simclr_jax.finetune \
-        --config=simclr_jax/configs/finetune_fashion_mnist.py:recipe=supervised,fraction=0.01 \
+        --config=configs/finetune_fashion_mnist.py:recipe=supervised,fraction=0.01 \
         --workdir=/tmp/sup1
 
 Augmentation is crop + flip (crop area 0.5-1 on these 28 px images). The fine-tuning recipes read
@@ -42,8 +42,7 @@ tiny (semi at 0.01), tiny_linear_eval (fraction 0.02), tiny_supervised; each is 
 string in PRESETS below.
 """
 
-from simclr_jax import config as base
-from simclr_jax.configs import pretrain_fashion_mnist
+from simclr_jax.configs import base, pretrain_fashion_mnist
 from simclr_jax.configs.arguments import Arguments
 from simclr_jax.models import ARCHITECTURE_FIELDS
 

@@ -24,6 +24,7 @@ start it from a pretraining run (then that run's architecture is the default).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -79,6 +80,39 @@ def make_train_step(student: SimCLRModel, teacher: SimCLRModel, config, *, with_
     return step
 
 
+def make_stage(
+    config: ml_collections.ConfigDict,
+    dp: parallel.DataParallel,
+    data: stage_data.StageData,
+    teacher: SimCLRModel,
+    teacher_variables: Any,
+    init_run: saved_run.SavedRun | None,
+) -> runner.Stage:
+    """The run's pieces from its data's facts, the teacher (its replicated variables, arrays or
+    their shapes) and the checkpoint the student starts from: what train_and_evaluate hands the
+    runner (evaluators aside) and what the planner (simclr_jax.plan) compiles."""
+    size = config.dataset.image_size
+    schedule = optim.train_schedule(config, data.num_examples)
+    student = build_for_run(config, config.student.model, data.num_classes)
+
+    def initial_state(resuming: bool) -> TrainState:
+        start = None if resuming else init_run
+        variables = saved_run.initial_variables(student, config.seed, size, data.channels, start)
+        return fine_tune_state(
+            config.student.model, config.optim, variables, schedule.learning_rate()
+        )
+
+    return runner.Stage(
+        f"Distilling (alpha {config.alpha:g}, temperature {config.temperature:g})",
+        initial_state,
+        make_train_step(student, teacher, config, with_labels=config.alpha > 0),
+        data.batch_for_step,
+        schedule,
+        replicated=(teacher_variables,),
+        model=student,
+    )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -102,8 +136,7 @@ def train_and_evaluate(
     config = saved_run.resolve_model(config, "student.model", init_run or teacher_run)
     size = config.dataset.image_size
     validation.check_model(config.student.model, size)
-    with_labels = config.alpha > 0
-    batches = ("batch_size", "eval_batch_size") + ("labeled_batch_size",) * with_labels
+    batches = ("batch_size", "eval_batch_size") + ("labeled_batch_size",) * (config.alpha > 0)
     dp = parallel.from_config(config, batches)
     teacher = saved_run.build_from_run(teacher_run, dtype=config.dtype)
     teacher_variables = dp.replicate(saved_run.restore_variables(teacher_run, teacher))
@@ -111,36 +144,19 @@ def train_and_evaluate(
         logging.warning(
             "the teacher saw %d px images; it labels %d px views", teacher_run.image_size, size
         )
-    num_classes = teacher_run.num_classes
-    data = stage_data.distillation_data(config, dp.mesh, num_classes, teacher_run.channels)
-    schedule = optim.train_schedule(config, data.num_examples)
-    student = build_for_run(config, config.student.model, num_classes)
-
-    def initial_state(resuming: bool) -> TrainState:
-        start = None if resuming else init_run
-        variables = saved_run.initial_variables(student, config.seed, size, data.channels, start)
-        return fine_tune_state(
-            config.student.model, config.optim, variables, schedule.learning_rate()
-        )
-
-    found = evaluators.classifier_evaluators(dp, student, config, data)
+    data = stage_data.distillation_data(
+        config, dp.mesh, teacher_run.num_classes, teacher_run.channels
+    )
+    stage = make_stage(config, dp, data, teacher, teacher_variables, init_run)
+    found = evaluators.classifier_evaluators(dp, stage.model, config, data)
     if data.eval_batches is not None:
         teacher_eval = evaluators.ExactEvaluator(
             dp, teacher, size, data.eval_batches, prefix="teacher_"
         )
         names = ("teacher_top1", "teacher_top5")
         found.append(evaluators.evaluated_once(teacher_eval, teacher_variables, names))
-    stage = runner.Stage(
-        f"Distilling (alpha {config.alpha:g}, temperature {config.temperature:g})",
-        initial_state,
-        make_train_step(student, teacher, config, with_labels=with_labels),
-        data.batch_for_step,
-        schedule,
-        replicated=(teacher_variables,),
-        evaluators=found,
-    )
     return runner.run(
-        config, workdir, dp, stage,
+        config, workdir, dp, dataclasses.replace(stage, evaluators=found),
         stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
     )  # fmt: skip
 

@@ -27,6 +27,7 @@ classifier, on fixed features of the chosen layer.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -71,26 +72,15 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict, *, pr
     return step
 
 
-def train_and_evaluate(
+def make_stage(
     config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    stop_at_step: int | None = None,
-    accept_config_changes: bool = False,
-) -> dict[str, Any]:
-    """Fine-tune (or train from scratch), resuming from `workdir`; returns the final metrics.
-
-    Results: the last training metrics ('loss', 'train_top1'), 'eval_top1', 'eval_top5',
-    'eval_loss', 'eval_count' (the whole eval split), 'knn_top1' (when on), 'num_labeled', 'step'.
-    """
-    validation.validate_finetune(config)
-    run = None
-    if config.init_checkpoint:
-        run = saved_run.read_run(config.init_checkpoint, field="config.init_checkpoint")
-    config = saved_run.resolve_model(config, "model", run)
-    validation.check_model(config.model, config.dataset.image_size)
-    dp = parallel.from_config(config)
-    data = stage_data.labeled_data(config, dp.mesh, channels=None if run is None else run.channels)
+    dp: parallel.DataParallel,
+    data: stage_data.StageData,
+    run: saved_run.SavedRun | None,
+) -> runner.Stage:
+    """The run's pieces from its data's facts and the checkpoint it starts from (`run`; config's
+    model already resolved against it): what train_and_evaluate hands the runner (evaluators
+    aside) and what the planner (simclr_jax.plan) compiles for other hardware."""
     if config.init_classifier_by_linear_fit:
         validation.require(
             run is not None and data.train_arrays is not None,
@@ -114,18 +104,42 @@ def train_and_evaluate(
             variables["params"] = {**variables["params"], "classifier": classifier}
         return fine_tune_state(config.model, config.optim, variables, schedule.learning_rate())
 
-    stage = runner.Stage(
+    return runner.Stage(
         f"Fine-tuning on {data.num_examples} labelled examples from "
         f"{config.init_checkpoint or 'scratch'}",
         initial_state,
         make_train_step(model, config, precropped=data.precropped),
         data.batch_for_step,
         schedule,
-        evaluators=evaluators.classifier_evaluators(dp, model, config, data),
         results={"num_labeled": data.num_examples},
+        model=model,
     )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    accept_config_changes: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune (or train from scratch), resuming from `workdir`; returns the final metrics.
+
+    Results: the last training metrics ('loss', 'train_top1'), 'eval_top1', 'eval_top5',
+    'eval_loss', 'eval_count' (the whole eval split), 'knn_top1' (when on), 'num_labeled', 'step'.
+    """
+    validation.validate_finetune(config)
+    run = None
+    if config.init_checkpoint:
+        run = saved_run.read_run(config.init_checkpoint, field="config.init_checkpoint")
+    config = saved_run.resolve_model(config, "model", run)
+    validation.check_model(config.model, config.dataset.image_size)
+    dp = parallel.from_config(config)
+    data = stage_data.labeled_data(config, dp.mesh, channels=None if run is None else run.channels)
+    stage = make_stage(config, dp, data, run)
+    found = evaluators.classifier_evaluators(dp, stage.model, config, data)
     return runner.run(
-        config, workdir, dp, stage,
+        config, workdir, dp, dataclasses.replace(stage, evaluators=found),
         stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
     )  # fmt: skip
 

@@ -9,6 +9,7 @@ evaluators; train/runner.py runs it. Rerunning the same command resumes from the
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -125,17 +126,11 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict):
     return step
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    stop_at_step: int | None = None,
-    accept_config_changes: bool = False,
-) -> dict[str, Any]:
-    """Pretrain, resuming from `workdir`; returns the final metrics (see runner.run)."""
-    validation.validate_pretrain(config)
-    dp = parallel.from_config(config)
-    data = stage_data.pretraining_data(config, dp.mesh)
+def make_stage(
+    config: ml_collections.ConfigDict, dp: parallel.DataParallel, data: stage_data.StageData
+) -> runner.Stage:
+    """The run's pieces, built from its data's facts: what train_and_evaluate hands the runner
+    (evaluators aside) and what the planner (simclr_jax.plan) compiles for other hardware."""
     if data.precropped and config.probe.clean_every > 0:
         raise ValueError(
             f"probe.clean_every={config.probe.clean_every} needs whole images, but "
@@ -153,13 +148,27 @@ def train_and_evaluate(
             probe_schedule=probe_schedule, sharding=dp.replicated_sharding,
         )  # fmt: skip
 
-    probe = evaluators.pretraining_evaluators(dp, model, config, data)
-    stage = runner.Stage(
+    return runner.Stage(
         "Pretraining", initial_state, make_train_step(model, config), data.batch_for_step,
-        schedule, evaluators=probe,
+        schedule, model=model,
     )  # fmt: skip
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    accept_config_changes: bool = False,
+) -> dict[str, Any]:
+    """Pretrain, resuming from `workdir`; returns the final metrics (see runner.run)."""
+    validation.validate_pretrain(config)
+    dp = parallel.from_config(config)
+    data = stage_data.pretraining_data(config, dp.mesh)
+    stage = make_stage(config, dp, data)
+    probe = evaluators.pretraining_evaluators(dp, stage.model, config, data)
     return runner.run(
-        config, workdir, dp, stage,
+        config, workdir, dp, dataclasses.replace(stage, evaluators=probe),
         stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
     )  # fmt: skip
 

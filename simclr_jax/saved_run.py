@@ -48,9 +48,7 @@ class SavedRun:
     @property
     def stage(self) -> str:
         """'distill', 'finetune' or 'pretrain', from the fields its config has."""
-        if "teacher_checkpoint" in self.config:
-            return "distill"
-        return "finetune" if "init_checkpoint" in self.config else "pretrain"
+        return stage_of(self.config)
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -78,6 +76,13 @@ class SavedRun:
                 "model checkpoint"
             )
         return self.shapes[path]
+
+
+def stage_of(config: Mapping[str, Any]) -> str:
+    """'distill', 'finetune' or 'pretrain': the trainer whose config has these fields."""
+    if "teacher_checkpoint" in config:
+        return "distill"
+    return "finetune" if "init_checkpoint" in config else "pretrain"
 
 
 def read_teacher(workdir: str, *, field: str) -> SavedRun:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax.data import augment, sources, streaming
+from simclr_jax.data import augment, catalog, sources, streaming
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data.arrays import ImageArrays
 
@@ -36,6 +37,8 @@ class StageData:
     precropped: bool  # the host took the crops (streamed, variable-size images)
     train_arrays: ImageArrays | None = None  # the labelled in-memory train set (kNN's bank)
     eval_arrays: ImageArrays | None = None
+    # The global batch's shapes and dtypes, what the step is compiled for (the planner's input).
+    batch_shapes: Mapping[str, jax.ShapeDtypeStruct] = dataclasses.field(default_factory=dict)
 
 
 def pretraining_data(config: ml_collections.ConfigDict, mesh: Any) -> StageData:
@@ -93,9 +96,77 @@ def distillation_data(
             labeled, global_batch=config.labeled_batch_size, seed=config.seed + 1, mesh=mesh
         ).batch
     batch_for_step = functools.partial(_distillation_batch, pool.batch_for_step, extra)
+    shapes = _distillation_batch_shapes(config, pool.batch_shapes["image"].shape[1:])
     return dataclasses.replace(
-        pool, num_classes=num_classes, batch_for_step=batch_for_step, train_arrays=labeled
+        pool,
+        num_classes=num_classes,
+        batch_for_step=batch_for_step,
+        train_arrays=labeled,
+        batch_shapes=shapes,
     )
+
+
+def planned_data(
+    config: ml_collections.ConfigDict, stage: str, *, channels: int | None = None
+) -> StageData:
+    """`stage`'s ('pretrain', 'finetune', 'distill') StageData from the dataset's catalog facts:
+    sizes and batch shapes, no batches and no evaluation. What the planner compiles for; the
+    data itself is never read. `channels`: the checkpoint's, as the real loaders convert to."""
+    dataset = config.dataset
+    found = catalog.facts(dataset)
+    num_examples = found.num_examples(dataset.train_split)
+    if stage == "finetune" and not found.streamed:
+        num_examples = max(1, round(num_examples * config.label_fraction))
+    height, width, have_channels = found.image_shape
+    if found.streamed:  # converted only in memory: a mismatch is the real loader's error
+        crops = 2 if stage == "pretrain" else 1
+        shapes = _streamed_batch_shapes(config.batch_size, crops, dataset.image_size, have_channels)
+    else:
+        have_channels = channels or have_channels
+        shapes = _resident_batch_shapes(config.batch_size, (height, width, have_channels))
+        if stage == "distill":
+            shapes = _distillation_batch_shapes(config, (height, width, have_channels))
+    return StageData(
+        num_examples=num_examples,
+        num_classes=found.num_classes,
+        channels=have_channels,
+        batch_for_step=_not_planned,
+        eval_batches=None,
+        precropped=found.streamed,
+        batch_shapes=shapes,
+    )
+
+
+def _not_planned(step: int) -> Batch:
+    raise RuntimeError("a planned StageData has no batches: it only shapes the compiled step")
+
+
+def _spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(int(d) for d in shape), jnp.dtype(dtype))
+
+
+def _resident_batch_shapes(batch: int, image_shape: tuple[int, ...]) -> dict:
+    """pipeline.DeviceResidentData.batch: uint8 images, int32 labels and dataset indices."""
+    return {
+        "image": _spec((batch, *image_shape), jnp.uint8),
+        "label": _spec((batch,), jnp.int32),
+        "index": _spec((batch,), jnp.int32),
+    }
+
+
+def _streamed_batch_shapes(batch: int, crops: int, size: int, channels: int) -> dict:
+    """step_stream.StepStream.batch: host crops, one per view ([B, crops, S, S, C] when > 1)."""
+    image = (batch, crops, size, size, channels) if crops > 1 else (batch, size, size, channels)
+    return {"image": _spec(image, jnp.uint8), "label": _spec((batch,), jnp.int32)}
+
+
+def _distillation_batch_shapes(config: ml_collections.ConfigDict, image_shape) -> dict:
+    """_distillation_batch: the unlabelled images, and the labelled batch when alpha > 0."""
+    shapes = {"image": _spec((config.batch_size, *image_shape), jnp.uint8)}
+    if config.alpha > 0:
+        shapes["labeled_image"] = _spec((config.labeled_batch_size, *image_shape), jnp.uint8)
+        shapes["label"] = _spec((config.labeled_batch_size,), jnp.int32)
+    return shapes
 
 
 def labeled_subset(arrays: ImageArrays, fraction: float, seed: int) -> ImageArrays:
@@ -161,6 +232,7 @@ def _resident(
         precropped=False,
         train_arrays=train if train.labels is not None else None,
         eval_arrays=eval_arrays,
+        batch_shapes=_resident_batch_shapes(config.batch_size, train.images.shape[1:]),
     )
 
 
@@ -214,4 +286,5 @@ def _streamed(
         batch_for_step=lambda step: data_pipeline.to_global_batch(train.batch(step), mesh),
         eval_batches=eval_batches if dataset.eval_split else None,
         precropped=True,
+        batch_shapes=_streamed_batch_shapes(config.batch_size, num_crops, dataset.image_size, have),
     )

@@ -169,6 +169,8 @@ def init_variables(
     """
     dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     init = jax.jit(functools.partial(model.init, train=False), out_shardings=sharding)
+    if isinstance(dummy, jax.core.Tracer):  # traced (jax.eval_shape: the planner's abstract state)
+        return init(jax.random.key(seed), dummy)
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return init.lower(jax.random.key(seed), dummy).compile(compiler_options=options)(
         jax.random.key(seed), dummy

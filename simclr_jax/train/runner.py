@@ -38,6 +38,7 @@ class Stage:
     replicated: tuple = ()  # the step's extra inputs (a teacher's variables), dp.replicate'd
     evaluators: Sequence[Callable[[Any], dict[str, float]]] = ()
     results: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # added at the end
+    model: Any = None  # the network the step trains (the evaluators and the planner read it)
 
 
 def map_step(

@@ -1,0 +1,223 @@
+"""One plan: compile a config's step for a target and put the program's facts beside the bounds.
+
+`make_plan` returns a flat dict whose keys the command prints and writes as JSON (PLAN_KEYS are
+the stable ones scripts may read). Memory, FLOPs, bytes and collectives are facts about the
+compiled program; every time is a lower bound (planning/roofline.py). `fit` searches the largest
+per-device batch (powers of two) whose program fits.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from simclr_jax.parallel import DATA_AXIS
+from simclr_jax.planning import analytic, program, roofline, stages, targets
+
+PLAN_KEYS = (
+    "target", "num_devices", "num_processes", "per_device_batch", "memory_bytes", "fits",
+    "flops_per_step_per_device", "flops_per_image", "analytic_flops_per_image",
+    "bytes_accessed_per_step_per_device", "collectives", "step_time_bound_s",
+    "images_per_s_bound", "epoch_time_bound_s", "run_device_hours_bound",
+    "host_images_per_s_needed",
+)  # fmt: skip
+GPU_MEMORY_FRACTION = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION on a GPU
+_TPU_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def mesh_for(target: targets.Target) -> Mesh:
+    """A one-axis 'data' mesh over the target's compile-only devices."""
+    return Mesh(np.asarray(targets.devices(target)), (DATA_AXIS,))
+
+
+def capacity_bytes(target: targets.Target, override_gib: float | None = None) -> float:
+    """What one device's program may use: its HBM, or on a GPU the fraction JAX preallocates
+    (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set); override_gib replaces it."""
+    if override_gib:
+        return override_gib * 2**30
+    if target.kind == "gpu":
+        import os
+
+        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
+        return target.chip.hbm_bytes * fraction
+    return target.chip.hbm_bytes
+
+
+def make_plan(
+    config: ml_collections.ConfigDict,
+    target: targets.Target,
+    *,
+    mesh: Mesh | None = None,
+    capacity_gib: float | None = None,
+    host_rate: float | None = None,
+) -> dict[str, Any]:
+    """Compile `config`'s step for `target` and report facts and bounds (module docstring).
+
+    host_rate: this machine's decode + crop images/s per core (planning/host_rate.py), or None
+    to leave the host columns out.
+    """
+    mesh = mesh if mesh is not None else mesh_for(target)
+    num_devices = mesh.devices.size
+    num_processes = len({d.process_index for d in mesh.devices.flat})
+    planned = stages.build(config, mesh)
+    started = time.perf_counter()
+    lowered = planned.lower()
+    compiled, memory, oom = _compile(lowered)
+    compile_s = time.perf_counter() - started
+    capacity = capacity_bytes(target, capacity_gib)
+    memory["capacity"] = int(capacity)
+    fits = (not oom) and memory["total"] <= capacity
+    cost = program.cost(lowered, compiled, target.kind)
+    found = {} if compiled is None else program.collectives(compiled.as_text(), num_devices)
+    link_bytes = sum(c.link_bytes for c in found.values())
+    config = planned.config
+    global_batch = config.batch_size
+    per_device = global_batch // num_devices
+    analytic_per_image = analytic.flops_per_image(
+        planned.stage, config, planned.model, channels=planned.data.channels,
+        teacher=planned.teacher,
+    )  # fmt: skip
+    bound = roofline.step_bound(target, cost["flops"], cost["bytes_accessed"], link_bytes)
+    schedule = planned.schedule
+    run = roofline.run_bounds(
+        bound["step_s"], global_batch=global_batch, num_examples=planned.data.num_examples,
+        total_steps=schedule.total_steps, num_devices=num_devices,
+        cores_per_chip=target.chip.cores_per_chip,
+    )  # fmt: skip
+    host_needed = run["images_per_s"] / num_processes if planned.data.precropped else 0.0
+    return {
+        "target": target.name,
+        "topology": target.topology,
+        "device": target.chip.name,
+        "stage": planned.stage,
+        "num_devices": num_devices,
+        "num_processes": num_processes,
+        "global_batch": global_batch,
+        "per_device_batch": per_device,
+        "dtype": config.dtype,
+        "num_examples": planned.data.num_examples,
+        "total_steps": schedule.total_steps,
+        "epochs": config.num_epochs if not config.num_steps else None,
+        "memory_bytes": memory,
+        "fits": bool(fits),
+        "flops_per_step_per_device": cost["flops"],
+        "flops_per_image": cost["flops"] * num_devices / global_batch,
+        "analytic_flops_per_image": analytic_per_image,
+        "bytes_accessed_per_step_per_device": cost["bytes_accessed"],
+        "cost_source": cost["source"],
+        "collectives": {kind: c.as_dict() for kind, c in found.items()},
+        "step_time_bound_s": bound["step_s"],
+        "step_time_terms_s": {k: bound[f"{k}_s"] for k in ("compute", "memory", "collectives")},
+        "limited_by": bound["limited_by"],
+        "images_per_s_bound": run["images_per_s"],
+        "epoch_time_bound_s": run["epoch_s"],
+        "run_hours_bound": run["run_hours"],
+        "run_device_hours_bound": run["run_device_hours"],
+        "run_chip_hours_bound": run["run_chip_hours"],
+        "host_images_per_s_needed": host_needed,
+        "host_images_per_s_per_core": host_rate if planned.data.precropped else None,
+        "host_cores_needed": (host_needed / host_rate) if host_rate and host_needed else None,
+        "compile_s": compile_s,
+        "peak": {
+            "flops": target.chip.peak_flops,
+            "hbm_bandwidth": target.chip.hbm_bandwidth,
+            "link_bandwidth": target.cross_host_bandwidth,
+            "source": target.chip.source,
+        },
+        "notes": list(planned.notes) + _notes(target, oom, cost),
+    }
+
+
+def fit(
+    config: ml_collections.ConfigDict,
+    target: targets.Target,
+    *,
+    mesh: Mesh | None = None,
+    capacity_gib: float | None = None,
+    max_per_device: int = 4096,
+) -> dict[str, Any]:
+    """The largest power-of-two per-device batch whose program fits, and its double's plan.
+
+    Returns {'per_device_batch', 'global_batch', 'fits': plan at that batch (None when even 1
+    does not fit), 'next': plan at twice it (None at max_per_device), 'tried': [(b, fits)]}.
+    """
+    mesh = mesh if mesh is not None else mesh_for(target)
+    devices = mesh.devices.size
+    tried, plans = [], {}
+
+    def probe(per_device: int) -> bool:
+        plan = make_plan(_with_batch(config, per_device * devices), target, mesh=mesh,
+                         capacity_gib=capacity_gib)  # fmt: skip
+        plans[per_device] = plan
+        tried.append((per_device, plan["fits"]))
+        return plan["fits"]
+
+    start = max(1, 2 ** int(np.floor(np.log2(max(1, config.batch_size // devices)))))
+    per_device = start
+    if probe(per_device):
+        while per_device < max_per_device and probe(per_device * 2):
+            per_device *= 2
+    else:
+        while per_device > 1 and not probe(per_device // 2):
+            per_device //= 2
+        per_device //= 2
+    best = per_device if per_device >= 1 and plans.get(per_device, {}).get("fits") else 0
+    return {
+        "per_device_batch": best,
+        "global_batch": best * devices,
+        "fits": plans.get(best),
+        "next": plans.get(best * 2) if best else plans.get(1),
+        "tried": tried,
+    }
+
+
+def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
+    changed = copy.deepcopy(config)
+    with changed.unlocked():
+        changed.batch_size = batch
+        if "memory" in changed and changed.memory.enabled and changed.memory.size < batch:
+            changed.memory.size = batch  # the queue must hold one step's keys
+    return changed
+
+
+def _compile(lowered: jax.stages.Lowered) -> tuple[Any, dict[str, Any], bool]:
+    """(compiled or None, memory dict, out of memory?): XLA:TPU refuses at compile time a
+    program that does not fit, with the bytes it would have used, which become the total."""
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # noqa: BLE001 - only XLA:TPU's out-of-memory refusal is ours
+        match = _TPU_OOM.search(str(error))
+        if match is None:
+            raise
+        used = float(match[1]) * _UNITS[match[2]]
+        keys = ("arguments", "temporaries", "outputs", "aliases", "generated_code")
+        return None, {**dict.fromkeys(keys), "total": int(used)}, True
+    return compiled, program.memory(compiled), False
+
+
+def _notes(target: targets.Target, oom: bool, cost: dict[str, Any]) -> list[str]:
+    notes = []
+    if oom:
+        notes.append(
+            "XLA:TPU refused the program at compile time (out of HBM): the total is the bytes "
+            "it reported needing; the parts and the collectives are unknown"
+        )
+    if target.kind == "gpu":
+        notes.append(
+            "GPU compile without a device: no autotuning, so kernels and temporaries can differ "
+            "from a compile on the real GPU"
+        )
+    if target.chip.cores_per_chip > 1:
+        notes.append(
+            f"{target.topology}: one JAX device per TensorCore ({target.chip.cores_per_chip} per "
+            "chip) in libtpu's compile-only topology; figures are per core"
+        )
+    return notes

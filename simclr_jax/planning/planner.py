@@ -8,6 +8,7 @@ per-device batch (powers of two) whose program fits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import time
@@ -188,11 +189,24 @@ def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections
     return changed
 
 
+@contextlib.contextmanager
+def _without_compilation_cache():
+    """Compile-only executables cannot be loaded back from JAX's persistent cache (there is no
+    device to load them on), so planning neither writes nor reads it."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
 def _compile(lowered: jax.stages.Lowered) -> tuple[Any, dict[str, Any], bool]:
     """(compiled or None, memory dict, out of memory?): XLA:TPU refuses at compile time a
     program that does not fit, with the bytes it would have used, which become the total."""
     try:
-        compiled = lowered.compile()
+        with _without_compilation_cache():
+            compiled = lowered.compile()
     except Exception as error:  # noqa: BLE001 - only XLA:TPU's out-of-memory refusal is ours
         match = _TPU_OOM.search(str(error))
         if match is None:

@@ -63,11 +63,18 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Planned
         config = _with(config, "parallel.backend", "shard_map")
     dp = parallel.DataParallel(mesh, "shard_map")
     batches = ("batch_size",) + ("labeled_batch_size",) * (stage == "distill" and config.alpha > 0)
+    devices = mesh.devices.size
+    processes = len({device.process_index for device in mesh.devices.flat})
     for name in batches:
-        parallel.check_divisible(name, config[name], mesh)
+        if config[name] <= 0 or config[name] % devices:
+            raise ValueError(
+                f"{name}={config[name]} does not divide over {devices} devices "
+                f"({processes} process(es)); use a multiple of {devices}"
+            )
     build_stage = {"pretrain": _pretrain, "finetune": _finetune, "distill": _distill}[stage]
     config, data, built, stage_notes, teacher = build_stage(config, dp)
-    state = jax.eval_shape(built.init_state, True)  # resuming: nothing read, nothing allocated
+    # As a resumed run makes it (its restore target): no checkpoint is read, nothing allocated.
+    state = jax.eval_shape(lambda: built.init_state(True))
     arguments = (
         _abstract(state, dp.replicated_sharding),
         *(_abstract(extra, dp.replicated_sharding) for extra in built.replicated),

@@ -170,6 +170,8 @@ def devices(target: Target) -> Sequence[Any]:
     if target.kind == "tpu":
         require_tpu_compiler()
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM to ask
+        # Compile-only: no chip to guard, so several planners (or test workers) may share libtpu.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return topologies.get_topology_desc(target.topology, "tpu").devices
     require_gpu_compiler()
     topology = topologies.get_topology_desc(
@@ -189,9 +191,17 @@ def require_tpu_compiler() -> None:
         )
 
 
+def gpu_compiler_installed() -> bool:
+    """Whether JAX's CUDA plugin (the [plan-gpu] extra) can compile for GPUs here."""
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
 def require_gpu_compiler() -> None:
     """The CUDA plugin, or a one-line error saying how to install it."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not gpu_compiler_installed():
         import jax
 
         raise ImportError(

@@ -9,14 +9,14 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_FLAGS ?=
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo demo-sweep test lint setup data clean
+.PHONY: demo demo-sweep test test-slow lint setup data clean plan-gpu
 
 setup: $(STAMP) data
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[tfds,test,transfer]"
+	$(PY) -m pip install -q -e ".[tfds,test,transfer,tpu]"
 	@touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package: real data, offline.
@@ -44,7 +44,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: setup lint
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15 -m "not slow" tests
+
+# Minutes of compiling the largest models (the planner's r152_3x_sk1 checks).
+test-slow: setup
+	$(VENV)/bin/pytest -q -m slow tests
+
+# Compile-only GPU planning (python -m simclr_jax.plan --target=h100x8): the [plan-gpu] packages,
+# pinned to the installed jax.
+plan-gpu: $(STAMP)
+	v=$$($(PY) -c 'import jax; print(jax.__version__)'); \
+	$(PY) -m pip install -q "jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v" nvidia-cuda-nvcc-cu12
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .jax_cache

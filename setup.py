@@ -37,6 +37,12 @@ EXTRAS_REQUIRE = {
     # scikit-learn ships a real digit dataset (8x8), the offline target of the transfer demo.
     "transfer": ["scikit-learn>=1.3"],
     "bench": ["pandas>=2"],
+    # python -m simclr_jax.plan for TPU slices: libtpu's compile-only devices. jax[tpu] resolves
+    # libtpu for the jax that is installed (make's constraints pin it); no TPU is needed.
+    "tpu": ["jax[tpu]"],
+    # ... for GPU machines: JAX's CUDA plugin and nvcc's libdevice/ptxas, no GPU or CUDA runtime.
+    # They must match jax's version exactly: `make plan-gpu` installs them pinned to it.
+    "plan-gpu": ["jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12"],
 }
 
 setup(

@@ -8,14 +8,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
-usage: launch/local_gpu.sh [--stage STAGE] [--gpus LIST] [--processes N] [--port PORT] [--dry-run]
+usage: launch/local_gpu.sh [--stage STAGE] [--gpus LIST] [--processes N] [--port PORT]
+                           [--plan-target TARGET [--plan-capacity-gib N] | --no-plan] [--dry-run]
                            -- STAGE_ARGS...
 
   --stage       pretrain (default), finetune or distill
   --gpus        GPUs to use, e.g. 0,1,2,3 (default: all; sets CUDA_VISIBLE_DEVICES)
   --processes   start N processes, one per GPU (default 1: one process for all GPUs)
   --port        coordinator port on localhost for --processes > 1 (default 12355)
-  --dry-run     print the commands instead of running them
+  --plan-target this machine as a planner target, e.g. h100x8 or a100-80gbx4: plan the stage
+                for it first (python -m simclr_jax.plan) and refuse a config that does not fit;
+                without it the run is not planned
+  --plan-capacity-gib N   plan against N GiB per GPU instead of JAX's default share of its memory
+  --no-plan     run without planning
+  --dry-run     print the commands instead of running them (the plan still runs)
 
 Examples:
   launch/local_gpu.sh -- --config=configs/pretrain_cifar10.py --workdir=/tmp/c10
@@ -25,13 +31,16 @@ The interpreter is $SIMCLR_PYTHON, else <checkout>/.venv/bin/python (launch/boot
 EOF
 }
 
-STAGE="pretrain" GPUS="" PROCESSES=1 PORT=12355 STAGE_ARGS=()
+STAGE="pretrain" GPUS="" PROCESSES=1 PORT=12355 PLAN_TARGET="" STAGE_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --stage) STAGE="$(need_value "$@")"; shift 2 ;;
     --gpus) GPUS="$(need_value "$@")"; shift 2 ;;
     --processes) PROCESSES="$(need_value "$@")"; shift 2 ;;
     --port) PORT="$(need_value "$@")"; shift 2 ;;
+    --plan-target) PLAN_TARGET="$(need_value "$@")"; shift 2 ;;
+    --plan-capacity-gib) PLAN_CAPACITY="$(need_value "$@")"; shift 2 ;;
+    --no-plan) PLAN=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; STAGE_ARGS=("$@"); break ;;
@@ -43,6 +52,12 @@ check_stage "$STAGE"
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
 [[ -z "$GPUS" || "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus must look like 0,1,2 (got '$GPUS')"
 [[ ${#STAGE_ARGS[@]} -gt 0 ]] || die "give the stage's flags after --, e.g. -- --config=... --workdir=..."
+
+if [[ -n "$PLAN_TARGET" ]]; then
+  plan_or_refuse "$PLAN_TARGET" "${STAGE_ARGS[@]}"
+elif [[ "$PLAN" == 1 ]]; then
+  echo "Not planned: give --plan-target (e.g. h100x8) to check memory first (or --no-plan)" >&2
+fi
 
 PYTHON="${SIMCLR_PYTHON:-$REPO/.venv/bin/python}"
 COMMAND=("$PYTHON" -m "simclr_jax.$STAGE" "${STAGE_ARGS[@]}")

@@ -9,6 +9,7 @@ usage() {
   cat <<'EOF'
 usage: launch/slurm_submit.sh --nodes N [--gpus-per-node G] [--per gpu|node] [--stage STAGE]
                               [--partition P] [--account A] [--time HH:MM:SS] [--port PORT]
+                              [--plan-gpu GPU [--plan-capacity-gib N] | --no-plan]
                               [--dry-run] -- STAGE_ARGS...
 
   --nodes          nodes to allocate (required)
@@ -17,7 +18,12 @@ usage: launch/slurm_submit.sh --nodes N [--gpus-per-node G] [--per gpu|node] [--
   --stage          pretrain (default), finetune or distill
   --partition, --account, --time   passed to sbatch (default time 24:00:00)
   --port           coordinator port (default: jax derives one from the job id)
-  --dry-run        print the sbatch command instead of submitting
+  --plan-gpu       the nodes' GPU (h100, h200, a100-80gb, a100-40gb): plan the stage for
+                   NODESxGPUxGPUS_PER_NODE first (python -m simclr_jax.plan) and refuse a config
+                   that does not fit; without it the job is not planned
+  --plan-capacity-gib N   plan against N GiB per GPU instead of JAX's default share of its memory
+  --no-plan        submit without planning
+  --dry-run        print the sbatch command instead of submitting (the plan still runs)
 
 Example (4 nodes x 8 GPUs = 32 processes, ImageNet data and workdir on a shared filesystem):
   launch/slurm_submit.sh --nodes 4 --partition gpu -- \
@@ -27,7 +33,7 @@ EOF
 }
 
 NODES="" GPUS_PER_NODE=8 PER="gpu" STAGE="pretrain" PARTITION="" ACCOUNT="" TIME="24:00:00"
-PORT="" STAGE_ARGS=()
+PORT="" PLAN_GPU="" STAGE_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nodes) NODES="$(need_value "$@")"; shift 2 ;;
@@ -38,6 +44,9 @@ while [[ $# -gt 0 ]]; do
     --account) ACCOUNT="$(need_value "$@")"; shift 2 ;;
     --time) TIME="$(need_value "$@")"; shift 2 ;;
     --port) PORT="$(need_value "$@")"; shift 2 ;;
+    --plan-gpu) PLAN_GPU="$(need_value "$@")"; shift 2 ;;
+    --plan-capacity-gib) PLAN_CAPACITY="$(need_value "$@")"; shift 2 ;;
+    --no-plan) PLAN=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; STAGE_ARGS=("$@"); break ;;
@@ -49,6 +58,12 @@ done
 [[ "$PER" == gpu || "$PER" == node ]] || die "--per must be gpu or node (got '$PER')"
 check_stage "$STAGE"
 [[ ${#STAGE_ARGS[@]} -gt 0 ]] || die "give the stage's flags after --, e.g. -- --config=... --workdir=..."
+
+if [[ -n "$PLAN_GPU" ]]; then
+  plan_or_refuse "${NODES}x${PLAN_GPU}x${GPUS_PER_NODE}" "${STAGE_ARGS[@]}"
+elif [[ "$PLAN" == 1 ]]; then
+  echo "Not planned: give --plan-gpu (h100, a100-80gb, ...) to check memory first (or --no-plan)" >&2
+fi
 
 tasks_per_node=1
 [[ "$PER" == gpu ]] && tasks_per_node="$GPUS_PER_NODE"

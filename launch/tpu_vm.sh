@@ -11,11 +11,15 @@ usage() {
 usage: launch/tpu_vm.sh COMMAND --name NAME --zone ZONE [options] [-- STAGE_ARGS...]
 
 Commands:
-  create    create the TPU VM / pod slice (--accelerator-type, --version, --spot)
+  create    create the TPU VM / pod slice (--accelerator-type, --version, --spot); with the
+            stage's flags after --, plan them for the slice first and refuse what does not fit
   copy      pack this checkout (without .venv, .git, caches) and unpack it on every worker
   clone     git clone --repo URL [--ref REF] on every worker instead of copying
   setup     on every worker: launch/bootstrap_host.sh --accelerator tpu (venv, jax[tpu], package)
-  run       start a stage on every worker in the background; STAGE_ARGS go to the stage
+  run       start a stage on every worker in the background; STAGE_ARGS go to the stage.
+            With --accelerator-type, the stage is planned for that slice first (memory per
+            chip, time bounds: python -m simclr_jax.plan) and a config that does not fit is
+            refused
   evaluate  start the evaluation job (python -m simclr_jax.evaluate) on one worker (--worker,
             default 0), on its CPU beside the training job that holds the TPU chips; it
             evaluates each new checkpoint of --workdir once and exits after the last step.
@@ -29,7 +33,8 @@ Options:
   --name NAME              TPU VM name (required)
   --zone ZONE              e.g. us-central2-b for v4 (required)
   --project PROJECT        gcloud project (default: gcloud's configured one)
-  --accelerator-type TYPE  create: v4-8, v4-32, v3-32, v5litepod-16, ... (default v4-32)
+  --accelerator-type TYPE  create: v4-8, v4-32, v3-32, v5litepod-16, ... (default v4-32);
+                           run: the slice's type, to plan the stage for it first
   --version VERSION        create: TPU software version (default tpu-ubuntu2204-base;
                            v5e: v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e)
   --spot                   create: a Spot VM (cheaper, can be preempted; runs resume)
@@ -37,7 +42,9 @@ Options:
   --stage STAGE            run/logs/stop: pretrain (default), finetune, distill or evaluate
   --cache-dir DIR          run: JAX compilation cache shared by the workers (e.g. gs://b/jax_cache)
   --worker N               logs/ssh/evaluate: which worker (default 0)
-  --dry-run                print the commands instead of running them
+  --no-plan                create/run: launch without planning first
+  --plan-capacity-gib N    plan against N GiB per device instead of its HBM (keep headroom)
+  --dry-run                print the commands instead of running them (the plan still runs)
   -h, --help               this message
 
 Example (v4-32 = 4 hosts x 4 chips):
@@ -60,7 +67,7 @@ case "$1" in
   *) die "unknown command '$1'" ;;
 esac
 
-NAME="" ZONE="" PROJECT="" ACCELERATOR="v4-32" VERSION="tpu-ubuntu2204-base" SPOT=0
+NAME="" ZONE="" PROJECT="" ACCELERATOR="" VERSION="tpu-ubuntu2204-base" SPOT=0
 REPO_URL="" REF="main" STAGE="pretrain" CACHE_DIR="" WORKER=0 STAGE_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -75,6 +82,8 @@ while [[ $# -gt 0 ]]; do
     --stage) STAGE="$(need_value "$@")"; shift 2 ;;
     --cache-dir) CACHE_DIR="$(need_value "$@")"; shift 2 ;;
     --worker) WORKER="$(need_value "$@")"; shift 2 ;;
+    --no-plan) PLAN=0; shift ;;
+    --plan-capacity-gib) PLAN_CAPACITY="$(need_value "$@")"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; STAGE_ARGS=("$@"); break ;;
@@ -101,7 +110,8 @@ case "$COMMAND" in
   create)
     extra=()
     [[ "$SPOT" == 1 ]] && extra+=(--spot)
-    run "${TPU[@]}" create "$NAME" "${WHERE[@]}" "--accelerator-type=$ACCELERATOR" \
+    plan_or_refuse "${ACCELERATOR:-v4-32}" "${STAGE_ARGS[@]}"
+    run "${TPU[@]}" create "$NAME" "${WHERE[@]}" "--accelerator-type=${ACCELERATOR:-v4-32}" \
       "--version=$VERSION" "${extra[@]}"
     ;;
   copy)
@@ -120,6 +130,11 @@ $(printf '%q' "$REPO_URL") $REMOTE_DIR"
     ;;
   run)
     [[ ${#STAGE_ARGS[@]} -gt 0 ]] || die "run needs the stage's flags after --, e.g. -- --config=... --workdir=gs://..."
+    if [[ -n "$ACCELERATOR" ]]; then
+      plan_or_refuse "$ACCELERATOR" "${STAGE_ARGS[@]}"
+    elif [[ "$PLAN" == 1 ]]; then
+      echo "Not planned: give the slice's --accelerator-type to plan it first (or --no-plan)" >&2
+    fi
     env_words="SIMCLR_DISTRIBUTED=tpu"
     [[ -n "$CACHE_DIR" ]] && env_words+=" JAX_COMPILATION_CACHE_DIR=$(printf '%q' "$CACHE_DIR")"
     # Detached (nohup), so a dropped ssh connection does not stop the job; the pid file is for `stop`.

@@ -30,7 +30,7 @@ STAGE_ARGS = [
 def launch(script: str, *args: str, env=None, check=True) -> subprocess.CompletedProcess:
     result = subprocess.run(
         ["bash", str(LAUNCH / script), *args],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=ROOT,
     )  # fmt: skip
     if check:
         assert result.returncode == 0, result.stderr
@@ -208,3 +208,28 @@ def test_tpu_evaluation_job_runs_beside_the_training_job_on_one_worker():
     assert "simclr_jax.evaluate" in other_vm[-1] and "--worker=all" in other_vm
     missing = launch("tpu_vm.sh", "evaluate", *WHERE, "--dry-run", check=False)
     assert missing.returncode == 2 and "evaluate needs the job's flags" in missing.stderr
+
+
+PLANNED_ARGS = [
+    "--",
+    "--config=configs/pretrain_fashion_mnist.py:demo",
+    "--config.batch_size=32",
+    "--workdir=gs://b/run",
+]
+
+
+def test_a_tpu_launch_plans_the_slice_first_and_refuses_what_does_not_fit():
+    """Under --dry-run the plan (compiled here for the slice) goes to stderr and the command it
+    would run to stdout; with less memory than the program needs, nothing is launched."""
+    where = [*WHERE, "--accelerator-type", "v5litepod-4", "--dry-run"]
+    fits = launch("tpu_vm.sh", "run", *where, *PLANNED_ARGS)
+    assert "on v5litepod-4 (v5e:2x2): 4 x TPU v5e" in fits.stderr and "FITS" in fits.stderr
+    (command,) = [shlex.split(line) for line in fits.stdout.splitlines()]
+    assert command[:4] == TPU
+    refused = launch("tpu_vm.sh", "create", *where, "--plan-capacity-gib", "0.001",
+                     *PLANNED_ARGS, check=False)  # fmt: skip
+    assert refused.returncode == 3 and refused.stdout == ""
+    assert "DOES NOT FIT" in refused.stderr and "of 0.00 GiB" in refused.stderr
+    assert "error: the config does not fit v5litepod-4" in refused.stderr
+    skipped = launch("tpu_vm.sh", "run", *where, "--no-plan", *PLANNED_ARGS)
+    assert "Plan for" not in skipped.stderr and skipped.stdout.startswith("gcloud")

@@ -157,27 +157,33 @@ def test_finetune_and_distill_configs_plan():
         assert 0.5 < ratio < 1.1, (stage, ratio)  # linear evaluation runs no frozen backward
 
 
-def test_fit_finds_the_largest_power_of_two_batch_that_fits(monkeypatch):
-    """The search alone, on a made-up memory curve: doubling from the config's per-device batch
-    while it fits, halving while it does not."""
-    needed = {b: 1 + b for b in (1, 2, 4, 8, 16, 32, 64, 128)}  # GiB at per-device batch b
+@pytest.mark.parametrize("curve", ["linear", "convex"])
+def test_fit_finds_the_largest_power_of_two_batch_that_fits(monkeypatch, curve):
+    """The search alone, on made-up memory curves (GiB at per-device batch b): it ends at the
+    largest power of two that fits, with its double measured and refused, in few compiles."""
+    needed = {"linear": lambda b: 1 + b, "convex": lambda b: 1 + b + b * b / 64}[curve]
 
     def fake_plan(config, target, *, mesh, capacity_gib):
         per_device = config.batch_size // 4
-        total = needed[per_device] * 2**30
-        return {"fits": total <= capacity_gib * 2**30, "per_device_batch": per_device,
-                "memory_bytes": {"total": total}}  # fmt: skip
+        total = needed(per_device) * 2**30
+        memory = {"total": total, "capacity": capacity_gib * 2**30}
+        return {"fits": total <= memory["capacity"], "per_device_batch": per_device,
+                "memory_bytes": memory}  # fmt: skip
 
     monkeypatch.setattr(planner, "make_plan", fake_plan)
     mesh = types.SimpleNamespace(devices=np.empty(4))
     target = targets.parse("v5e:2x2")
-    for batch, capacity, best in ((32, 20, 16), (32, 2.5, 1), (4, 70, 64), (512, 0.5, 0)):
+    for batch, capacity in ((32, 20), (32, 2.5), (4, 70), (512, 0.5), (4096, 300), (8, 4000)):
         found = planner.fit(small_pretraining(batch), target, mesh=mesh, capacity_gib=capacity)
+        fitting = [b for b in (2**k for k in range(13)) if needed(b) <= capacity]
+        best = max(fitting, default=0)
         assert found["per_device_batch"] == best, (batch, capacity, found["tried"])
         assert found["global_batch"] == 4 * best
         if best:
             assert found["fits"]["fits"] and not found["next"]["fits"]
             assert found["next"]["per_device_batch"] == 2 * best
+        # Memory is about linear in the batch: then 3-4 compiles; a convex curve walks further.
+        assert len(found["tried"]) <= (4 if curve == "linear" else 8), found["tried"]
 
 
 def test_targets_accept_topologies_accelerator_types_and_gpu_machines():

@@ -147,30 +147,36 @@ def fit(
 ) -> dict[str, Any]:
     """The largest power-of-two per-device batch whose program fits, and its double's plan.
 
-    Returns {'per_device_batch', 'global_batch', 'fits': plan at that batch (None when even 1
-    does not fit), 'next': plan at twice it (None at max_per_device), 'tried': [(b, fits)]}.
+    Compiles are minutes for a large model, so the search starts from a line through two
+    measured sizes (memory grows about linearly with the batch; XLA:TPU reports what a program
+    that does not fit would need), then walks by doubling or halving until the batch fits and
+    its double does not. Returns {'per_device_batch', 'global_batch', 'fits': the plan at that
+    batch (None when not even 1 fits), 'next': the plan at twice it, 'tried': [(b, fits)]}.
     """
     mesh = mesh if mesh is not None else mesh_for(target)
     devices = mesh.devices.size
-    tried, plans = [], {}
+    plans: dict[int, dict[str, Any]] = {}
+    tried: list[tuple[int, bool]] = []
 
-    def probe(per_device: int) -> bool:
-        plan = make_plan(_with_batch(config, per_device * devices), target, mesh=mesh,
-                         capacity_gib=capacity_gib)  # fmt: skip
-        plans[per_device] = plan
-        tried.append((per_device, plan["fits"]))
-        return plan["fits"]
+    def fits(per_device: int) -> bool:
+        if per_device not in plans:
+            plan = make_plan(_with_batch(config, per_device * devices), target, mesh=mesh,
+                             capacity_gib=capacity_gib)  # fmt: skip
+            plans[per_device] = plan
+            tried.append((per_device, plan["fits"]))
+        return plans[per_device]["fits"]
 
-    start = max(1, 2 ** int(np.floor(np.log2(max(1, config.batch_size // devices)))))
-    per_device = start
-    if probe(per_device):
-        while per_device < max_per_device and probe(per_device * 2):
-            per_device *= 2
+    first = _power_of_two_at_most(max(1, config.batch_size // devices))
+    second = min(max_per_device, first * 4) if fits(first) else max(1, first // 4)
+    fits(second)
+    best = min(max(_estimate(plans, first, second), 1), max_per_device)
+    while not fits(best) and best > 1:
+        best //= 2
+    if not fits(best):
+        best = 0
     else:
-        while per_device > 1 and not probe(per_device // 2):
-            per_device //= 2
-        per_device //= 2
-    best = per_device if per_device >= 1 and plans.get(per_device, {}).get("fits") else 0
+        while best < max_per_device and fits(best * 2):
+            best *= 2
     return {
         "per_device_batch": best,
         "global_batch": best * devices,
@@ -178,6 +184,22 @@ def fit(
         "next": plans.get(best * 2) if best else plans.get(1),
         "tried": tried,
     }
+
+
+def _estimate(plans: dict[int, dict[str, Any]], a: int, b: int) -> int:
+    """The largest power of two under the line through two measured (batch, total) points."""
+    if a == b:
+        return a
+    total = {n: plans[n]["memory_bytes"]["total"] for n in (a, b)}
+    capacity = plans[a]["memory_bytes"]["capacity"]
+    slope = (total[a] - total[b]) / (a - b)
+    if slope <= 0:
+        return max(a, b)
+    return _power_of_two_at_most(max(1, int((capacity - (total[a] - slope * a)) / slope)))
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 2 ** int(np.floor(np.log2(max(1, n))))
 
 
 def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:

@@ -442,7 +442,7 @@ if wants pretrain; then
       --config=configs/pretrain_fashion_mnist.py:resnet18 --workdir="$WORKDIR" \
       --config.dataset.source=local --config.dataset.data_dir="$DATA_DIR" \
       --config.num_epochs="$EPOCHS" --config.optim.warmup_epochs="$WARMUP_EPOCHS" \
-      --config.dtype=bfloat16 --config.eval_every_steps="$EVAL_EVERY"
+      --config.dtype=bfloat16 --config.evals.probe.every_steps="$EVAL_EVERY" --config.evals.knn.every_steps="$EVAL_EVERY"
     # A run stopped by its limit checkpoints and keeps its metrics: plot whatever it logged.
     if ((DRY_RUN)) || [[ -f "$WORKDIR/metrics.jsonl" ]]; then
       run_part plot /dev/null \

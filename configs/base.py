@@ -126,35 +126,8 @@ def pretrain_config() -> ConfigDict:
     # probe, a plain linear layer.
     c.probe.input_norm = True
 
-    c.knn = ConfigDict()
-    # kNN monitor at every evaluation (cosine, temperature-weighted votes of the k nearest): its bank
-    # is `bank_size` labelled training images (0 = all), its queries the eval split; in-memory
-    # datasets only. k = 0 turns it off.
-    c.knn.k = 200
-    c.knn.temperature = 0.1  # vote weight exp(similarity / temperature).
-    c.knn.bank_size = 10_000  # labelled training images in the bank (class-balanced; 0 = all).
-
-    c.batch_size = 256  # global batch in images (each gives two views); divides the device count.
-    c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
-    c.num_epochs = 100.0  # training length in epochs of the training split.
-    c.num_steps = 0  # if > 0, overrides num_epochs.
-    c.dtype = "float32"  # compute dtype 'float32' or 'bfloat16' (params, BN stats, loss stay fp32).
-    # A NaN/inf loss: 'stop' (error naming the step; the last good checkpoint is kept) or 'skip'
-    # (drop that step's update and go on; skipped steps are counted in the metrics).
-    c.nonfinite = "stop"
-
-    c.parallel = ConfigDict()
-    c.parallel.backend = "shard_map"  # 'shard_map' (jax.shard_map under jax.jit) or 'pmap'.
-
-    c.log_every_steps = 50  # metrics to the writers and progress (steps/s, ETA).
-    # TensorBoard event files beside metrics.jsonl (needs TensorFlow, whose import adds about
-    # 5 s to a process start; False: metrics.jsonl and log lines only).
-    c.tensorboard = True
-    c.checkpoint_every_steps = 1000  # orbax checkpoint period (and one at the end).
-    c.keep_checkpoints = 3  # how many checkpoints to keep.
-    # Evaluation on eval_split (the probe's exact top-1/top-5 and the kNN monitor); 0 = only at
-    # the end.
-    c.eval_every_steps = 0
+    run_fields(c, num_epochs=100.0)
+    c.evals = evals_config("probe", "knn")  # the online probe's exact top-1, the kNN monitor
     return c
 
 
@@ -194,28 +167,49 @@ def finetune_model_config() -> ConfigDict:
     return c
 
 
-def _run_fields(c: ConfigDict) -> None:
-    """Schedule, precision, parallelism and bookkeeping fields shared by finetune and distill."""
-    c.batch_size = 256  # global batch in images; divides the device count.
+def run_fields(c: ConfigDict, *, num_epochs: float) -> None:
+    """Schedule, precision, parallelism and bookkeeping fields: every stage has these, once."""
+    c.batch_size = 256  # global batch in images (pretraining: each gives two views); divides the
+    # device count.
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
-    c.num_epochs = 30.0  # training length in epochs of the (labelled or unlabelled) train set.
+    c.num_epochs = num_epochs  # training length in epochs of the training split.
     c.num_steps = 0  # if > 0, overrides num_epochs.
     c.dtype = "float32"  # compute dtype 'float32' or 'bfloat16' (params, BN stats, loss stay fp32).
-    c.nonfinite = "stop"  # a NaN/inf loss: 'stop' (error naming the step) or 'skip' the update.
+    # A NaN/inf loss: 'stop' (error naming the step; the last good checkpoint is kept) or 'skip'
+    # (drop that step's update and go on; skipped steps are counted in the metrics).
+    c.nonfinite = "stop"
     c.parallel = ConfigDict()
     c.parallel.backend = "shard_map"  # 'shard_map' (jax.shard_map under jax.jit) or 'pmap'.
-    c.knn = ConfigDict()
-    # kNN monitor on backbone features (cosine, temperature-weighted votes); 0 = off. Its memory
-    # bank is the labelled training subset.
-    c.knn.k = 200
-    c.knn.temperature = 0.1  # vote weight exp(similarity / temperature).
     c.log_every_steps = 50  # metrics to the writers and progress (steps/s, ETA).
-    # TensorBoard event files beside metrics.jsonl (needs TensorFlow, whose import adds about
-    # 5 s to a process start; False: metrics.jsonl and log lines only).
+    # TensorBoard event files beside metrics.jsonl (needs TensorFlow, whose import slows every
+    # process start; False: metrics.jsonl and log lines only).
     c.tensorboard = True
     c.checkpoint_every_steps = 1000  # orbax checkpoint period (and one at the end).
-    c.keep_checkpoints = 2  # how many checkpoints to keep.
-    c.eval_every_steps = 0  # exact evaluation on eval_split (and kNN); 0 = only at the end.
+    c.keep_checkpoints = 3  # how many checkpoints to keep (an unreadable newest one falls back).
+
+
+def evals_config(*names: str) -> ConfigDict:
+    """config.evals: the evaluators training and the evaluation job run (train/evaluators.py),
+    each named by its kind, with its cadence and fields."""
+    c = ConfigDict()
+    for name in names:
+        c[name] = ConfigDict()
+        # When it runs: every this many steps and after the last step; 0 = only after the last
+        # step; < 0 = never.
+        c[name].every_steps = 0
+    if "knn" in names:
+        # kNN on backbone features (cosine, temperature-weighted votes of the k nearest): its bank
+        # is bank_size labelled training images, its queries the eval split; in-memory datasets.
+        c.knn.k = 200  # neighbours that vote; 0 = no kNN monitor.
+        c.knn.temperature = 0.1  # vote weight exp(similarity / temperature).
+        c.knn.bank_size = 10_000  # labelled training images in the bank (class-balanced; 0 = all).
+    return c
+
+
+def every(evals: ConfigDict, steps: int) -> None:
+    """Run every evaluator of `evals` every `steps` steps (and after the last one)."""
+    for name in evals:
+        evals[name].every_steps = steps
 
 
 def finetune_config() -> ConfigDict:
@@ -243,7 +237,9 @@ def finetune_config() -> ConfigDict:
     # L2 penalty by held-out folds) instead of zero_init_logits_layer's zero or random weights,
     # then fine-tune as configured. Needs init_checkpoint and an in-memory dataset.
     c.init_classifier_by_linear_fit = False
-    _run_fields(c)
+    run_fields(c, num_epochs=30.0)
+    c.evals = evals_config("classifier", "knn")  # exact top-1/top-5 of the classifier, kNN
+    c.evals.knn.bank_size = 0  # the bank: the whole labelled subset
     return c
 
 
@@ -277,5 +273,7 @@ def distill_config() -> ConfigDict:
     c.optim.lr_scaling = "sqrt"  # 'linear' (base_lr * batch / 256) or 'sqrt'.
     c.optim.weight_decay = 1e-4  # L2 weight decay (see optim_config).
     c.optim.warmup_epochs = 1.0  # linear warmup length, then cosine decay to zero.
-    _run_fields(c)
+    run_fields(c, num_epochs=30.0)
+    c.evals = evals_config("classifier", "teacher", "knn")  # the student, its teacher, kNN
+    c.evals.knn.bank_size = 0  # the bank: the whole labelled subset
     return c

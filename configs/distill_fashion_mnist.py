@@ -80,7 +80,7 @@ def get_config(arg: str | None = None):
         c.labeled_batch_size = 8
         c.num_steps = 3
         c.optim.warmup_epochs = 0.0
-        c.knn.k = 20
+        c.evals.knn.k = 20
         c.log_every_steps = 1
         c.checkpoint_every_steps = 2
     return base.lock(c)

@@ -161,14 +161,13 @@ def get_config(arg: str | None = None):
             c.model.ft_proj_selector = 0
             c.init_classifier_by_linear_fit = True
         c.log_every_steps = 25 if a.recipe == "linear_eval" else 50
-        c.eval_every_steps = 0  # evaluate once, at the end
     elif a.size == "tiny":
         c.dataset.train_split = "train[:2000]"
         c.dataset.eval_split = "test[:200]"
         c.eval_batch_size = 200
         c.tensorboard = False  # metrics.jsonl only: no TensorFlow import in each test process
         c.num_steps = 3
-        c.knn.k = 20
+        c.evals.knn.k = 20
         c.log_every_steps = 1
         c.checkpoint_every_steps = 2
     return base.lock(c)

@@ -88,10 +88,9 @@ def get_config(arg: str | None = None):
     c.dataset.image_size = 224
     c.augment.crop_min_area = 0.08
     c.dtype = "bfloat16"
-    c.knn.k = 0  # streamed datasets are not embedded for the kNN monitor
+    c.evals.knn.k = 0  # streamed datasets are not embedded for the kNN monitor
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2500
-    c.eval_every_steps = 0
     if a.recipe == "linear_eval":
         c.model.ft_proj_selector = 0
         c.model.fine_tune_after_block = 4

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
     c.num_epochs = 1000.0
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5000
-    c.eval_every_steps = 10000
+    base.every(c.evals, 10_000)
     if recipe == "reference":
         c.batch_size = 512
         c.optim.base_lr = 1.0

@@ -61,7 +61,7 @@ def get_config(arg: str | None = None):
         c.num_epochs = 6.5
         c.optim.warmup_epochs = 1.0
         c.log_every_steps = 50
-        c.eval_every_steps = 470  # about every 2 epochs: the probe and kNN curves of curves.png
+        base.every(c.evals, 470)  # about every 2 epochs: the probe and kNN curves of curves.png
         # The probe sees every image of the batch clean (256 a step, ~8% more compute): after 7
         # epochs seed 0's probe ended 1.8 points under the offline linear classifier, against 2.3
         # with every 2nd image (the same encoder; benchmarks/RESULTS.md, "tuning ... its probe").
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None):
         c.num_epochs = 200.0
         c.optim.warmup_epochs = 10.0
         c.log_every_steps = 100
-        c.eval_every_steps = 2000
+        base.every(c.evals, 2000)
     else:
         c.model.base_width = 4
         c.model.proj_out_dim = 16

@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
     c.dtype = "bfloat16"
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2500
-    c.eval_every_steps = 10000
+    base.every(c.evals, 10_000)
     c.probe.clean_every = 0  # the host streams cropped views: the probe trains on them
     c.model.depth = a.depth
     c.model.width_multiplier = a.width

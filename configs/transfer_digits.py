@@ -65,13 +65,11 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 50
     batch, epochs = linear if a.recipe == "linear_eval" else tuned
     recipes.apply_recipe(c, a.recipe, a.fraction, batch, epochs, a.size)
-    if a.size == "demo":
-        c.eval_every_steps = 0  # evaluate once, at the end
     if a.size == "tiny":
         c.dataset.train_split = "train[:256]"
         c.num_steps = 2
         c.log_every_steps = 1
         c.checkpoint_every_steps = 2
-        c.knn.k = 0  # one program less to compile in the tests
+        c.evals.knn.k = 0  # one program less to compile in the tests
         c.tensorboard = False  # metrics.jsonl only: no TensorFlow import in each test process
     return base.lock(c)

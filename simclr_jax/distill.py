@@ -148,13 +148,9 @@ def train_and_evaluate(
         config, dp.mesh, teacher_run.num_classes, teacher_run.channels
     )
     stage = make_stage(config, dp, data, teacher, teacher_variables, init_run)
-    found = evaluators.classifier_evaluators(dp, stage.model, config, data)
-    if data.eval_batches is not None:
-        teacher_eval = evaluators.ExactEvaluator(
-            dp, teacher, size, data.eval_batches, prefix="teacher_"
-        )
-        names = ("teacher_top1", "teacher_top5")
-        found.append(evaluators.evaluated_once(teacher_eval, teacher_variables, names))
+    found = evaluators.from_config(
+        config, dp, stage.model, data, teacher=evaluators.Teacher(teacher, teacher_variables)
+    )
     return runner.run(
         config, workdir, dp, dataclasses.replace(stage, evaluators=found),
         stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,

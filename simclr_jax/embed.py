@@ -22,6 +22,7 @@ import functools
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from simclr_jax import cli, saved_run
+from simclr_jax import cli, predict, saved_run
 from simclr_jax.data.augment import CROP_PROPORTION
 from simclr_jax.data.folders import IMAGE_EXTENSIONS
 from simclr_jax.models.resnet import total_stride
@@ -207,10 +208,10 @@ def embed(
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
 
-    @jax.jit
-    def forward(variables, batch):
-        outputs = model.apply(variables, batch, train=False)
-        return outputs["features"], outputs["projection"]
+    outputs = predict.predict_fn(model, image_size=image_size, preprocess="none")
+    forward = jax.jit(
+        lambda variables, batch: itemgetter("features", "projection")(outputs(variables, batch))
+    )
 
     root = epath.Path(images)
     paths, features, projections, skipped = [], [], [], []

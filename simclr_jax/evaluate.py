@@ -16,6 +16,7 @@ another machine that sees the same workdir (a bucket), or on the training host's
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,47 +24,30 @@ from typing import Any
 import ml_collections
 
 from simclr_jax import cli, optim, parallel, saved_run
+from simclr_jax.configs import base
 from simclr_jax.data import stage_data
 from simclr_jax.train import checkpoint, checkpoint_follower, evaluators
-
-DEFAULT_K = 200  # pretraining configs have no knn block: the InstDisc monitor's defaults
-DEFAULT_TEMPERATURE = 0.1
 
 
 def build(
     run: saved_run.SavedRun, config: ml_collections.ConfigDict
 ) -> tuple[Callable[[int], dict[str, Any]], int]:
-    """(evaluate_step(step) -> metrics, the run's final step) for `run`'s stage."""
+    """(evaluate_step(step) -> metrics, the run's final step) for `run`'s stage: the evaluators
+    its config declares, built as training builds them (train/evaluators.from_config)."""
     if not config.dataset.eval_split:
         raise ValueError(
             f"{run.workdir} has no dataset.eval_split to evaluate on: give a --config with one"
         )
+    config = with_evals(config, run.stage)
     dp = parallel.from_config(config, ("eval_batch_size",))
     model = saved_run.build_from_run(run, dtype=config.dtype)
-    size = config.dataset.image_size
     if run.stage == "pretrain":
         data = stage_data.pretraining_data(config, dp.mesh)
-        found = evaluators.exact_evaluators(dp, model, config, data, prefix="eval_probe_")
-        if data.train_arrays is not None and data.eval_arrays is not None:
-            knn = config.get("knn") or {}
-            found.append(
-                evaluators.KnnMonitor(
-                    dp,
-                    model,
-                    size,
-                    data.train_arrays,
-                    data.eval_arrays,
-                    batch_size=config.eval_batch_size,
-                    k=knn.get("k", DEFAULT_K),
-                    temperature=knn.get("temperature", DEFAULT_TEMPERATURE),
-                )  # fmt: skip
-            )
+    elif run.stage == "finetune":
+        data = stage_data.labeled_data(config, dp.mesh, channels=run.channels)
     else:
-        if run.stage == "finetune":
-            data = stage_data.labeled_data(config, dp.mesh, channels=run.channels)
-        else:
-            data = stage_data.distillation_data(config, dp.mesh, run.num_classes)
-        found = evaluators.classifier_evaluators(dp, model, config, data)
+        data = stage_data.distillation_data(config, dp.mesh, run.num_classes)
+    found = evaluators.from_config(config, dp, model, data)
     final_step = optim.train_schedule(config, data.num_examples).total_steps
     target = saved_run.abstract_variables(model, run.image_size, run.channels)
 
@@ -75,6 +59,22 @@ def build(
         return metrics
 
     return evaluate_step, final_step
+
+
+def with_evals(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """A run saved before config.evals existed: its stage's evaluators today (base.*_config),
+    with the kNN fields it had (config.knn). Said in the log, not silently."""
+    if "evals" in config:
+        return config
+    defaults = {"pretrain": base.pretrain_config, "finetune": base.finetune_config}
+    evals = defaults.get(stage, base.distill_config)().evals
+    for name, value in (config.get("knn") or {}).items():
+        if name in evals.knn:
+            evals.knn[name] = value
+    logging.info("The run's config predates config.evals: evaluating with %s", evals.to_dict())
+    updated = ml_collections.ConfigDict(config.to_dict())
+    updated.evals = evals
+    return updated
 
 
 def wait_for_run(workdir: str, *, poll_s: float, timeout_s: float | None) -> saved_run.SavedRun:

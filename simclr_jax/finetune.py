@@ -137,7 +137,7 @@ def train_and_evaluate(
     dp = parallel.from_config(config)
     data = stage_data.labeled_data(config, dp.mesh, channels=None if run is None else run.channels)
     stage = make_stage(config, dp, data, run)
-    found = evaluators.classifier_evaluators(dp, stage.model, config, data)
+    found = evaluators.from_config(config, dp, stage.model, data)
     return runner.run(
         config, workdir, dp, dataclasses.replace(stage, evaluators=found),
         stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,

@@ -166,9 +166,9 @@ def train_and_evaluate(
     dp = parallel.from_config(config)
     data = stage_data.pretraining_data(config, dp.mesh)
     stage = make_stage(config, dp, data)
-    probe = evaluators.pretraining_evaluators(dp, stage.model, config, data)
+    found = evaluators.from_config(config, dp, stage.model, data)
     return runner.run(
-        config, workdir, dp, dataclasses.replace(stage, evaluators=probe),
+        config, workdir, dp, dataclasses.replace(stage, evaluators=found),
         stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
     )  # fmt: skip
 

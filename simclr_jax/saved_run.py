@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from simclr_jax import predict
 from simclr_jax.configs import base as base_config
-from simclr_jax.data import augment
 from simclr_jax.models import (
     ARCHITECTURE_FIELDS,
     SimCLRModel,
@@ -242,16 +242,4 @@ def load_encoder(
     run = read_run(workdir)
     model = build_from_run(run, dtype=dtype)
     variables = restore_variables(run, model)
-    image_size = run.image_size
-
-    @jax.jit
-    def apply_fn(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-        if jnp.issubdtype(images.dtype, jnp.integer):
-            x = augment.eval_preprocess(images, out_size=image_size)
-        elif min(images.shape[1], images.shape[2]) <= 32:  # as eval_preprocess, already in [0, 1]
-            x = augment.resize(images.astype(jnp.float32), image_size)
-        else:
-            x = augment.center_crop(images.astype(jnp.float32), image_size)
-        return model.apply(variables, x, train=False)
-
-    return apply_fn, variables
+    return jax.jit(predict.predict_fn(model, image_size=run.image_size)), variables

@@ -16,6 +16,7 @@ from simclr_jax.checks import is_int, is_number, require
 from simclr_jax.data import augment as augment_ops
 from simclr_jax.data import sources, splits
 from simclr_jax.models.build import validate_model_fields
+from simclr_jax.train import evaluators
 
 DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -103,7 +104,6 @@ def check_schedule(config: ml_collections.ConfigDict) -> None:
         positive("num_epochs (or set num_steps > 0)", config.num_epochs)
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         positive(field, config[field])
-    non_negative("eval_every_steps", config.eval_every_steps)
     one_of("dtype", config.dtype, DTYPES)
     one_of("parallel.backend", config.parallel.backend, parallel.BACKENDS)
     one_of("nonfinite", config.nonfinite, NONFINITE_POLICIES)
@@ -119,8 +119,7 @@ def validate_pretrain(config: ml_collections.ConfigDict) -> None:
     non_negative("probe.learning_rate (0 = the encoder's optimizer)", config.probe.learning_rate)
     every = config.probe.clean_every
     require(is_int(every) and every >= 0, "probe.clean_every", "an int >= 0 (0 = the views)", every)
-    check_knn(config.knn)
-    non_negative("knn.bank_size (0 = the whole train split)", config.knn.bank_size)
+    check_evals(config.evals)
     check_model(config.model, config.dataset.image_size)
     if config.memory.enabled:
         memory.check_config(config.memory, global_batch=config.batch_size)
@@ -139,12 +138,19 @@ def validate_finetune(config: ml_collections.ConfigDict) -> None:
         "in (0, 1] (e.g. 0.01 for 1%)",
         fraction,
     )
-    check_knn(config.knn)
+    check_evals(config.evals)
 
 
-def check_knn(knn: ml_collections.ConfigDict) -> None:
-    non_negative("knn.k (0 = no kNN monitor)", knn.k)
-    positive("knn.temperature", knn.temperature)
+def check_evals(evals: ml_collections.ConfigDict) -> None:
+    """config.evals: known kinds, integer cadences, the kNN monitor's fields."""
+    for name, fields in evals.items():
+        one_of(f"evals.{name} (an evaluator)", name, evaluators.KINDS)
+        every = fields.every_steps
+        require(is_int(every), f"evals.{name}.every_steps", "an integer (0 = at the end)", every)
+    if "knn" in evals:
+        non_negative("evals.knn.k (0 = no kNN monitor)", evals.knn.k)
+        positive("evals.knn.temperature", evals.knn.temperature)
+        non_negative("evals.knn.bank_size (0 = the whole labelled split)", evals.knn.bank_size)
 
 
 def validate_distill(config: ml_collections.ConfigDict) -> None:

@@ -366,7 +366,7 @@ def test_a_converted_pretrained_model_fine_tunes_and_loads(tiny, tmp_path):
     config.init_checkpoint = str(root / "pretrain")
     config.dataset.update(image_size=32, eval_split="")
     config.num_steps = 2
-    config.knn.k = 0
+    config.evals.knn.k = 0
     results = finetune.train_and_evaluate(config, str(tmp_path / "ft"))
     assert results["step"] == 2 and np.isfinite(results["loss"])
     before, after = restored(root / "pretrain"), restored(tmp_path / "ft")
@@ -398,7 +398,7 @@ def test_a_converted_fine_tuned_model_teaches_a_student(tiny, rgb_folder, tmp_pa
         eval_split="", image_size=32,
     )  # fmt: skip
     config.num_steps = 2
-    config.knn.k = 0
+    config.evals.knn.k = 0
     results = distill.train_and_evaluate(config, str(tmp_path / "student"))
     assert results["step"] == 2 and 0.0 <= results["teacher_agreement"] <= 1.0
 

@@ -131,7 +131,7 @@ def test_unlabelled_batches_carry_no_labels(monkeypatch):
     """The unlabelled pool's labels are dropped at loading: poisoning them changes nothing, and the
     step's batch has no label field unless alpha > 0 adds the labelled subset."""
     config = load_config(
-        "distill_fashion_mnist.py", "tiny", "--config.dataset.eval_split=", "--config.knn.k=0"
+        "distill_fashion_mnist.py", "tiny", "--config.dataset.eval_split=", "--config.evals.knn.k=0"
     )
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 4, 4, 1), dtype=np.uint8)
@@ -163,7 +163,7 @@ def test_unlabelled_batches_carry_no_labels(monkeypatch):
 def test_an_rgb_teacher_gets_grayscale_data_as_rgb(monkeypatch):
     """A teacher with 3 input channels (an official model) on 1-channel data: every image the
     step and the evaluation see is the grayscale repeated, as fine-tuning converts it."""
-    config = load_config("distill_fashion_mnist.py", "tiny", "--config.knn.k=0")
+    config = load_config("distill_fashion_mnist.py", "tiny", "--config.evals.knn.k=0")
     config.alpha, config.label_fraction, config.labeled_batch_size = 0.5, 0.25, 4
     rng = np.random.default_rng(0)
     arrays = ImageArrays(rng.integers(0, 256, (40, 4, 4, 1), dtype=np.uint8),

@@ -43,7 +43,7 @@ def test_pretraining_checkpoints_are_evaluated_once_while_the_run_writes_them(tm
             f"--workdir={tmp_path}", "--config.num_steps=9", "--config.log_every_steps=3",
             "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=5",
             "--config.dataset.train_split=train[:256]", "--config.dataset.eval_split=test[:200]",
-            "--config.eval_batch_size=100",
+            "--config.eval_batch_size=100", "--config.evals.knn.bank_size=100",
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -57,9 +57,10 @@ def test_pretraining_checkpoints_are_evaluated_once_while_the_run_writes_them(tm
         assert set(row) == {"step", "eval_probe_top1", "eval_probe_top5", "eval_probe_loss",
                             "eval_probe_count", "knn_top1"}  # fmt: skip
         assert row["eval_probe_count"] == 200 and 0 <= row["knn_top1"] <= 1
-    # The same numbers as the evaluation inside training at the last step.
+    # The same numbers as the evaluation inside training at the last step: one builder
+    # (train/evaluators.from_config), so the kNN bank is the same class-balanced 100 images.
     trained = json.loads((tmp_path / "results.json").read_text())
-    for name in ("eval_probe_top1", "eval_probe_top5", "eval_probe_count"):
+    for name in ("eval_probe_top1", "eval_probe_top5", "eval_probe_count", "knn_top1"):
         assert rows[-1][name] == trained[name], name
     assert rows[-1]["eval_probe_loss"] == pytest.approx(trained["eval_probe_loss"], rel=1e-5)
     assert outcome["results"] == rows[-1]

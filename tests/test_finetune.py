@@ -241,12 +241,12 @@ def test_knn_monitor_matches_brute_force_numpy():
     train, test = split(45), split(29)
     w = rng.normal(size=(16, 5)).astype(np.float32)
     state = State({"w": jnp.asarray(w)}, {})
-    config = load_config("finetune_fashion_mnist.py", "tiny", "--config.knn.k=7")
+    config = load_config("finetune_fashion_mnist.py", "tiny", "--config.evals.knn.k=7")
     config.dataset.image_size = 4
     config.eval_batch_size = 8  # 45 and 29 examples: padded last batches
-    config.knn.temperature = 0.5
+    config.evals.knn.temperature = 0.5
     dp = parallel.DataParallel(parallel.make_mesh(jax.devices()[:1]))
-    knn = config.knn
+    knn = config.evals.knn
     monitor = evaluators.KnnMonitor(
         dp, PixelModel(), 4, train, test, batch_size=config.eval_batch_size, k=knn.k,
         temperature=knn.temperature,
@@ -317,7 +317,7 @@ def test_reference_values_and_same_budget_baselines():
     [
         ("--config.label_fraction=0.0", "label_fraction"),
         ("--config.label_fraction=1.5", "label_fraction"),
-        ("--config.knn.k=-1", "knn.k"),
+        ("--config.evals.knn.k=-1", "knn.k"),
         ("--config.augment.crop_min_area=0.0", "crop_min_area"),
     ],
 )

@@ -195,7 +195,7 @@ def test_dry_run_pretraining_is_the_gpu_preset_with_the_reference_schedule_shape
     # The reference's step counts: N * epochs // B + 1, warmup round(warmup_epochs * N // B).
     assert schedule.total_steps == 60_000 * 8 // 512 + 1 == 938
     assert schedule.warmup_steps == round(config.optim.warmup_epochs * 60_000 // 512) == 46
-    assert config.eval_every_steps == 936 // 4
+    assert config.evals.probe.every_steps == config.evals.knn.every_steps == 936 // 4
 
 
 def test_dry_run_names_missing_data_and_leaves_out_unwanted_parts(fakes, tmp_path):

@@ -35,7 +35,9 @@ def test_imagenet_pretraining_streams_two_host_crops_per_image():
         step = runner.map_step(dp, pretrain.make_train_step(model, config), skip_nonfinite=False)
         state, metrics = step(dp.replicate(state), batch)
         assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
-        probe = evaluators.exact_evaluators(dp, model, config, data, prefix="eval_probe_")[0](state)
+        probe = evaluators.ExactEvaluator(
+            dp, model, 32, data.eval_batches, precropped=True, prefix="eval_probe_"
+        )(state)
         # A probe on clean images needs whole images: host crops are refused by name.
         config.probe.clean_every = 4
         clean_probe = runner.map_step(

@@ -157,7 +157,7 @@ def test_a_classifier_initialised_by_a_linear_fit_predicts_as_that_fit(recipe, t
         f"--config.init_checkpoint={workdirs['pretrain']}", "--config.label_fraction=0.5",
         "--config.init_classifier_by_linear_fit=True", "--config.model.ft_proj_selector=1",
         "--config.model.freeze_head_in_linear_eval=True", "--config.optim.base_lr=1e-12",
-        "--config.num_steps=1", "--config.knn.k=0",
+        "--config.num_steps=1", "--config.evals.knn.k=0",
     )  # fmt: skip
     results = finetune.train_and_evaluate(config, str(tmp_path / "lpft"))
 

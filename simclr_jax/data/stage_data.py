@@ -80,7 +80,7 @@ def distillation_data(
     """
     train = match_channels(sources.load_split(config.dataset, config.dataset.train_split), channels)
     labeled = None
-    if train.labels is not None and (config.alpha > 0 or config.knn.k > 0):
+    if train.labels is not None and (config.alpha > 0 or config.evals.knn.k > 0):
         labeled = labeled_subset(train, config.label_fraction, config.label_seed)
     elif config.alpha > 0:
         raise ValueError("alpha > 0 needs a labelled dataset.train_split")

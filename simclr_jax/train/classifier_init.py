@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simclr_jax.data import augment
+from simclr_jax import predict
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.models import SimCLRModel
 from simclr_jax.models.heads import num_head_layers, selected_layer
@@ -39,11 +39,8 @@ def classifier_input_features(
         model.ft_proj_selector, num_head_layers(model.proj_head_mode, model.num_proj_layers)
     )
 
-    @jax.jit
-    def features(variables: dict[str, Any], batch: jax.Array) -> jax.Array:
-        # The variables are an argument, not a closed-over constant baked into the program.
-        x = augment.eval_preprocess(batch, out_size=image_size)
-        return model.apply(variables, x, train=False)[f"head_{layer}"]
+    # The variables are an argument, not a closed-over constant baked into the program.
+    features = jax.jit(predict.predict_fn(model, image_size=image_size, output=f"head_{layer}"))
 
     chunks = [
         np.asarray(features(variables, jnp.asarray(images[i : i + batch_size])))

@@ -35,7 +35,8 @@ FREE_FIELDS = (
     "eval_batch_size",
     "dataset.data_dir",
     "dataset.eval_split",
-    "knn.*",
+    "knn.*",  # before config.evals
+    "evals.*",
     "parallel.*",
     "nonfinite",
 )

@@ -1,14 +1,25 @@
-"""A run's evaluators: exact evaluation and the kNN monitor, built once and called on any state.
+"""A run's evaluators, declared in `config.evals`, built once by `from_config`, run by training and
+by the evaluation job alike, so both report the same number under the same name.
 
-Each evaluator maps its predict step across devices when it is built, so every evaluation of a
-run reuses one compiled program (nothing is traced again). They take the replicated train state
-(anything with .params and .batch_stats) or a variables dict, and return named metrics.
+Each entry of `config.evals` is named by its kind and carries its cadence (`every_steps`: 0 = only
+after the last step, < 0 = never) and its own fields (configs/base.py documents them):
+- `probe`: the online probe's exact top-1/top-5, loss and count over the eval split ('eval_probe_*');
+- `classifier`: the same for a fine-tuned or distilled classifier ('eval_*');
+- `teacher`: distillation's teacher, once ('teacher_top1', 'teacher_top5');
+- `knn`: a temperature-weighted kNN vote on backbone features ('knn_top1'), its bank a
+  class-balanced `bank_size` of the labelled training images (in-memory datasets only).
+
+Each evaluator maps its predict step across devices when it is built, so every evaluation reuses
+one compiled program. They take the replicated train state (anything with .params and
+.batch_stats) or a variables dict, and return named metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -16,36 +27,32 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax.data import augment
+from simclr_jax import predict
 from simclr_jax.data import pipeline as data_pipeline
+from simclr_jax.data import sources
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.train import scoring
 
-Evaluator = Callable[[Any], dict[str, float]]
+Metrics = dict[str, float]
+KINDS = ("probe", "classifier", "teacher", "knn")
+_PREFIX = {"probe": "eval_probe_", "classifier": "eval_", "teacher": "teacher_"}
 
 
-def make_predict_step(model: Any, image_size: int, *, output: str = "logits", precropped=False):
-    """Per-replica `output` ('logits', 'features', ...) of uint8 evaluation images, BN inference.
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """A named evaluation and when it runs: `due(step, total_steps)`, then `evaluator(state)`."""
 
-    Centre crop and resize (augment.eval_preprocess); precropped: the host already took the crop
-    at image_size (streamed datasets), so only the scaling to [0, 1] remains.
-    """
+    name: str
+    every_steps: int
+    evaluate: Callable[[Any], Metrics]
 
-    def predict(variables: Any, images: jax.Array) -> jax.Array:
-        if precropped:
-            x = augment.to_float(images)
-        else:
-            x = augment.eval_preprocess(images, out_size=image_size)
-        return model.apply(variables, x, train=False)[output]
+    def due(self, step: int, total_steps: int) -> bool:
+        if self.every_steps < 0:
+            return False
+        return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
-    return predict
-
-
-def model_variables(state: Any) -> Mapping[str, Any]:
-    """{'params', 'batch_stats'} of a train state; a variables dict is returned as it is."""
-    if isinstance(state, Mapping):
-        return state
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    def __call__(self, state: Any) -> Metrics:
+        return self.evaluate(state)
 
 
 class ExactEvaluator:
@@ -61,13 +68,16 @@ class ExactEvaluator:
         precropped: bool = False,
         prefix: str = "eval_",
     ):
-        predict = make_predict_step(model, image_size, precropped=precropped)
-        self._predict = dp.map(predict, sharded_args=(False, True), sharded_outputs=True)
+        logits = predict.predict_fn(
+            model, image_size=image_size, output="logits",
+            preprocess="precropped" if precropped else "eval",
+        )  # fmt: skip
+        self._predict = dp.map(logits, sharded_args=(False, True), sharded_outputs=True)
         self._batches = batches
         self._prefix = prefix
 
-    def __call__(self, state: Any) -> dict[str, float]:
-        variables = model_variables(state)
+    def __call__(self, state: Any) -> Metrics:
+        variables = predict.model_variables(state)
         result = scoring.exact_evaluate(
             lambda images: self._predict(variables, images), self._batches()
         )
@@ -96,14 +106,14 @@ class KnnMonitor:
     ):
         if bank.labels is None or queries.labels is None:
             raise ValueError("the kNN monitor needs a labelled bank and labelled queries")
-        features = make_predict_step(model, image_size, output="features")
+        features = predict.predict_fn(model, image_size=image_size, output="features")
         self._features = dp.map(features, sharded_args=(False, True), sharded_outputs=True)
         self._mesh, self._batch_size = dp.mesh, batch_size
         self._bank, self._queries = bank, queries
         self._k, self._temperature = k, temperature
 
-    def __call__(self, state: Any) -> dict[str, float]:
-        variables = model_variables(state)
+    def __call__(self, state: Any) -> Metrics:
+        variables = predict.model_variables(state)
         accuracy = scoring.knn_evaluate(
             self._embed(variables, self._bank),
             self._bank.labels,
@@ -126,74 +136,69 @@ class KnnMonitor:
         return np.concatenate(chunks)[: len(arrays)]
 
 
-def exact_evaluators(
-    dp: Any, model: Any, config: ml_collections.ConfigDict, data: Any, *, prefix: str = "eval_"
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """Distillation's frozen teacher: its network and (replicated) variables."""
+
+    model: Any
+    variables: Any
+
+
+def from_config(
+    config: ml_collections.ConfigDict,
+    dp: Any,
+    model: Any,
+    data: Any,
+    *,
+    teacher: Teacher | None = None,
 ) -> list[Evaluator]:
-    """[ExactEvaluator] of `data`'s eval split (data/stage_data.StageData), or [] without one."""
-    if data.eval_batches is None:
-        return []
+    """Every evaluator `config.evals` declares that `data` can feed (data/stage_data.StageData),
+    built once. One the data cannot feed (no eval split; kNN on a streamed dataset) is left out
+    with a log line saying why."""
+    built = []
+    for name, fields in config.evals.items():
+        if name not in KINDS:
+            raise ValueError(f"config.evals.{name}: unknown evaluator; kinds: {list(KINDS)}")
+        if fields.every_steps < 0:
+            continue
+        evaluate, missing = _build(name, fields, config, dp, model, data, teacher)
+        if evaluate is None:
+            logging.info("Evaluator %r left out: %s", name, missing)
+            continue
+        built.append(Evaluator(name, fields.every_steps, evaluate))
+    return built
+
+
+def _build(name, fields, config, dp, model, data, teacher):
+    """(evaluate(state) -> metrics, None), or (None, why it cannot run on this data)."""
     size = config.dataset.image_size
-    return [
-        ExactEvaluator(
-            dp, model, size, data.eval_batches, precropped=data.precropped, prefix=prefix
+    if data.eval_batches is None:
+        return None, "no dataset.eval_split to evaluate on"
+    if name in ("probe", "classifier"):
+        exact = ExactEvaluator(
+            dp, model, size, data.eval_batches, precropped=data.precropped, prefix=_PREFIX[name]
         )
-    ]
-
-
-def classifier_evaluators(
-    dp: Any, model: Any, config: ml_collections.ConfigDict, data: Any
-) -> list[Evaluator]:
-    """Fine-tuning's and distillation's: exact evaluation ('eval_*') of `data`'s eval split, and
-    the kNN monitor (config.knn.k > 0, in-memory data) whose bank is the labelled train set."""
-    found = exact_evaluators(dp, model, config, data)
-    if (
-        found
-        and config.knn.k > 0
-        and data.train_arrays is not None
-        and data.eval_arrays is not None
-    ):
-        found.append(
-            KnnMonitor(
-                dp,
-                model,
-                config.dataset.image_size,
-                data.train_arrays,
-                data.eval_arrays,
-                batch_size=config.eval_batch_size,
-                k=config.knn.k,
-                temperature=config.knn.temperature,
-            )  # fmt: skip
-        )
-    return found
-
-
-def pretraining_evaluators(
-    dp: Any, model: Any, config: ml_collections.ConfigDict, data: Any
-) -> list[Evaluator]:
-    """Pretraining's: the online probe's exact evaluation ('eval_probe_*') and, for in-memory
-    data with config.knn.k > 0, the kNN monitor ('knn_top1') whose bank is a class-balanced
-    `knn.bank_size` of the labelled training images (the whole split when 0 or larger)."""
-    from simclr_jax.data import sources
-
-    found = exact_evaluators(dp, model, config, data, prefix="eval_probe_")
+        return exact, None
+    if name == "teacher":
+        if teacher is None:
+            return None, "no teacher in this stage"
+        exact = ExactEvaluator(dp, teacher.model, size, data.eval_batches, prefix=_PREFIX[name])
+        return _once(exact, teacher.variables), None
+    if fields.k <= 0:
+        return None, "evals.knn.k is 0"
     bank, queries = data.train_arrays, data.eval_arrays
-    if not found or config.knn.k <= 0 or bank is None or queries is None:
-        return found
-    if 0 < config.knn.bank_size < len(bank):
-        bank = sources.take_label_fraction(bank, config.knn.bank_size / len(bank), seed=config.seed)
+    if bank is None or queries is None:
+        return None, "kNN needs the labelled train split and the eval split in memory"
+    if 0 < fields.bank_size < len(bank):
+        bank = sources.take_label_fraction(bank, fields.bank_size / len(bank), seed=config.seed)
     monitor = KnnMonitor(
-        dp, model, config.dataset.image_size, bank, queries, batch_size=config.eval_batch_size,
-        k=config.knn.k, temperature=config.knn.temperature,
+        dp, model, size, bank, queries, batch_size=config.eval_batch_size, k=fields.k,
+        temperature=fields.temperature,
     )  # fmt: skip
-    return [*found, monitor]
+    return monitor, None
 
 
-def evaluated_once(evaluator: Evaluator, variables: Any, names: Sequence[str]) -> Evaluator:
-    """An evaluator of fixed `variables` (a frozen teacher): run once, its `names` remembered."""
-
-    @functools.cache
-    def once() -> tuple[tuple[str, float], ...]:
-        found = evaluator(variables)
-        return tuple((name, found[name]) for name in names)
-
-    return lambda state: dict(once())
+def _once(evaluate: Callable[[Any], Metrics], variables: Any) -> Callable[[Any], Metrics]:
+    """An evaluator of fixed `variables` (a frozen teacher): computed once, then remembered."""
+    found = functools.cache(lambda: evaluate(variables))
+    return lambda state: dict(found())

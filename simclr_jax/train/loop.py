@@ -72,7 +72,6 @@ class LoopSettings:
     end_step: int  # this run stops here (== total_steps unless told to stop early)
     log_every: int
     checkpoint_every: int
-    eval_every: int  # 0 = evaluate only at the end of training
 
 
 @dataclasses.dataclass
@@ -92,7 +91,7 @@ class StepLoop:
     batch_for_step: Callable[[int], Any]
     first: Callable[[Any], Any]
     save: Callable[[int, Any], Any]
-    evaluators: Sequence[Callable[[Any], dict[str, float]]]
+    evaluators: Sequence[Any]  # train/evaluators.Evaluator: each knows when it is due
     writer: Any
     progress: metrics_lib.Progress
     learning_rate: Callable[[int], Any]
@@ -136,11 +135,12 @@ class StepLoop:
         if save_now:
             with jax.transfer_guard("allow"):
                 self.save(done, state)
-        eval_now = settings.eval_every and done % settings.eval_every == 0
-        if self.evaluators and (eval_now or done == settings.total_steps):
+        due = [e for e in self.evaluators if e.due(done, settings.total_steps)]
+        eval_now = bool(due)
+        if due:
             found: dict[str, float] = {}
             with jax.transfer_guard("allow"):
-                for evaluator in self.evaluators:
+                for evaluator in due:
                     found.update(evaluator(state))
             self.writer.write_scalars(done, found)
             results.update(found)

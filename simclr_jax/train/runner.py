@@ -36,7 +36,7 @@ class Stage:
     batch_for_step: Callable[[int], Any]  # the global batch of a step
     schedule: optim.TrainSchedule  # the run's length and learning rate
     replicated: tuple = ()  # the step's extra inputs (a teacher's variables), dp.replicate'd
-    evaluators: Sequence[Callable[[Any], dict[str, float]]] = ()
+    evaluators: Sequence[Any] = ()  # train/evaluators.Evaluator, each with its cadence
     results: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # added at the end
     model: Any = None  # the network the step trains (the evaluators and the planner read it)
 
@@ -66,7 +66,7 @@ def run(
     """Train `stage` in `workdir`, resuming from its newest checkpoint; returns the results.
 
     config fields read: keep_checkpoints, checkpoint_every_steps, log_every_steps,
-    eval_every_steps, batch_size, nonfinite (and the whole config is saved with every
+    batch_size, nonfinite (and the whole config is saved with every
     checkpoint and as config.json). stop_at_step ends this run early, with a checkpoint.
     A resumed run whose config alters the run is refused unless accept_config_changes
     (train/config_history.py).
@@ -161,7 +161,6 @@ def _step_loop(config, workdir, dp, stage, ckpt, writer, stops, stop_at_step) ->
         end_step=total if stop_at_step is None else min(stop_at_step, total),
         log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps,
-        eval_every=config.eval_every_steps,
     )
     progress = metrics.Progress(
         total,

@@ -34,7 +34,7 @@ def config(num_steps: int):
     return ml_collections.ConfigDict(
         dict(
             seed=0, batch_size=BATCH, num_steps=num_steps, keep_checkpoints=2,
-            checkpoint_every_steps=10_000, log_every_steps=1, eval_every_steps=0,
+            checkpoint_every_steps=10_000, log_every_steps=1,
             nonfinite="stop",
         )
     )  # fmt: skip

@@ -66,55 +66,84 @@ def make_plan(
     to leave the host columns out.
     """
     mesh = mesh if mesh is not None else mesh_for(target)
-    num_devices = mesh.devices.size
-    num_processes = len({d.process_index for d in mesh.devices.flat})
     planned = stages.build(config, mesh)
-    started = time.perf_counter()
-    lowered = planned.lower()
-    compiled, memory, oom = _compile(lowered)
-    compile_s = time.perf_counter() - started
-    capacity = capacity_bytes(target, capacity_gib)
-    memory["capacity"] = int(capacity)
-    fits = (not oom) and memory["total"] <= capacity
-    cost = program.cost(lowered, compiled, target.kind)
-    found = {} if compiled is None else program.collectives(compiled.as_text(), num_devices)
-    link_bytes = sum(c.link_bytes for c in found.values())
-    config = planned.config
-    global_batch = config.batch_size
-    per_device = global_batch // num_devices
-    analytic_per_image = analytic.flops_per_image(
-        planned.stage, config, planned.model, channels=planned.data.channels,
-        teacher=planned.teacher,
-    )  # fmt: skip
-    bound = roofline.step_bound(target, cost["flops"], cost["bytes_accessed"], link_bytes)
-    schedule = planned.schedule
-    run = roofline.run_bounds(
-        bound["step_s"], global_batch=global_batch, num_examples=planned.data.num_examples,
-        total_steps=schedule.total_steps, num_devices=num_devices,
-        cores_per_chip=target.chip.cores_per_chip,
-    )  # fmt: skip
-    host_needed = run["images_per_s"] / num_processes if planned.data.precropped else 0.0
+    plan = _the_run(planned, target, mesh)
+    plan.update(_program_facts(planned, target, plan["num_devices"], capacity_gib))
+    plan.update(_bounds(planned, target, plan, host_rate))
+    return plan
+
+
+def _the_run(planned: stages.PlannedStep, target: targets.Target, mesh: Mesh) -> dict[str, Any]:
+    """What is planned: the stage, the target, the batch and the schedule."""
+    config, num_devices = planned.config, mesh.devices.size
     return {
         "target": target.name,
         "topology": target.topology,
         "device": target.chip.name,
         "stage": planned.stage,
         "num_devices": num_devices,
-        "num_processes": num_processes,
-        "global_batch": global_batch,
-        "per_device_batch": per_device,
+        "num_processes": len({d.process_index for d in mesh.devices.flat}),
+        "global_batch": config.batch_size,
+        "per_device_batch": config.batch_size // num_devices,
         "dtype": config.dtype,
         "num_examples": planned.data.num_examples,
-        "total_steps": schedule.total_steps,
+        "total_steps": planned.schedule.total_steps,
         "epochs": config.num_epochs if not config.num_steps else None,
+        "peak": {
+            "flops": target.chip.peak_flops,
+            "hbm_bandwidth": target.chip.hbm_bandwidth,
+            "link_bandwidth": target.cross_host_bandwidth,
+            "source": target.chip.source,
+        },
+    }
+
+
+def _program_facts(
+    planned: stages.PlannedStep, target: targets.Target, num_devices: int, capacity_gib
+) -> dict[str, Any]:
+    """The compiled program's memory, FLOPs, bytes and collectives (facts, per device)."""
+    started = time.perf_counter()
+    lowered = planned.lower()
+    compiled, memory, oom = _compile(lowered)
+    compile_s = time.perf_counter() - started
+    memory["capacity"] = int(capacity_bytes(target, capacity_gib))
+    cost = program.cost(lowered, compiled, target.kind)
+    found = {} if compiled is None else program.collectives(compiled.as_text(), num_devices)
+    analytic_per_image = analytic.flops_per_image(
+        planned.stage, planned.config, planned.model, channels=planned.data.channels,
+        teacher=planned.teacher,
+    )  # fmt: skip
+    return {
         "memory_bytes": memory,
-        "fits": bool(fits),
+        "fits": bool((not oom) and memory["total"] <= memory["capacity"]),
         "flops_per_step_per_device": cost["flops"],
-        "flops_per_image": cost["flops"] * num_devices / global_batch,
+        "flops_per_image": cost["flops"] * num_devices / planned.config.batch_size,
         "analytic_flops_per_image": analytic_per_image,
         "bytes_accessed_per_step_per_device": cost["bytes_accessed"],
         "cost_source": cost["source"],
         "collectives": {kind: c.as_dict() for kind, c in found.items()},
+        "compile_s": compile_s,
+        "notes": list(planned.notes) + _notes(target, oom),
+    }
+
+
+def _bounds(
+    planned: stages.PlannedStep, target: targets.Target, plan: dict[str, Any], host_rate
+) -> dict[str, Any]:
+    """The roofline bound on the step and what follows from it (bounds, not measurements)."""
+    link_bytes = sum(c["link_bytes"] for c in plan["collectives"].values())
+    bound = roofline.step_bound(
+        target, plan["flops_per_step_per_device"], plan["bytes_accessed_per_step_per_device"],
+        link_bytes,
+    )  # fmt: skip
+    run = roofline.run_bounds(
+        bound["step_s"], global_batch=plan["global_batch"], num_examples=plan["num_examples"],
+        total_steps=plan["total_steps"], num_devices=plan["num_devices"],
+        cores_per_chip=target.chip.cores_per_chip,
+    )  # fmt: skip
+    streamed = planned.data.precropped
+    host_needed = run["images_per_s"] / plan["num_processes"] if streamed else 0.0
+    return {
         "step_time_bound_s": bound["step_s"],
         "step_time_terms_s": {k: bound[f"{k}_s"] for k in ("compute", "memory", "collectives")},
         "limited_by": bound["limited_by"],
@@ -124,16 +153,8 @@ def make_plan(
         "run_device_hours_bound": run["run_device_hours"],
         "run_chip_hours_bound": run["run_chip_hours"],
         "host_images_per_s_needed": host_needed,
-        "host_images_per_s_per_core": host_rate if planned.data.precropped else None,
+        "host_images_per_s_per_core": host_rate if streamed else None,
         "host_cores_needed": (host_needed / host_rate) if host_rate and host_needed else None,
-        "compile_s": compile_s,
-        "peak": {
-            "flops": target.chip.peak_flops,
-            "hbm_bandwidth": target.chip.hbm_bandwidth,
-            "link_bandwidth": target.cross_host_bandwidth,
-            "source": target.chip.source,
-        },
-        "notes": list(planned.notes) + _notes(target, oom, cost),
     }
 
 
@@ -239,7 +260,7 @@ def _compile(lowered: jax.stages.Lowered) -> tuple[Any, dict[str, Any], bool]:
     return compiled, program.memory(compiled), False
 
 
-def _notes(target: targets.Target, oom: bool, cost: dict[str, Any]) -> list[str]:
+def _notes(target: targets.Target, oom: bool) -> list[str]:
     notes = []
     if oom:
         notes.append(

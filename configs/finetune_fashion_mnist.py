@@ -42,11 +42,11 @@ tiny (semi at 0.01), tiny_linear_eval (fraction 0.02), tiny_supervised; each is 
 string in PRESETS below.
 """
 
-from simclr_jax.configs import base, pretrain_fashion_mnist
+from simclr_jax.configs import base, pretrain_fashion_mnist, recipes
 from simclr_jax.configs.arguments import Arguments
 from simclr_jax.models import ARCHITECTURE_FIELDS
 
-RECIPES = ("linear_eval", "semi", "supervised")
+RECIPES = recipes.RECIPES
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split
 DEMO_STEPS = 600  # fine-tuning steps of the demo size (semi and supervised), at any fraction
 PRESETS = {
@@ -77,58 +77,20 @@ def pretrain_architecture(size: str) -> dict:
     return {name: model[name] for name in ARCHITECTURE_FIELDS}
 
 
-def linear_eval(c, fraction: float, batch_size: int, epochs: float) -> None:
-    """Frozen backbone, classifier on its features: the reference linear-evaluation command."""
-    c.label_fraction = fraction
-    c.model.ft_proj_selector = 0
-    c.model.fine_tune_after_block = 4
-    c.model.zero_init_logits_layer = True
-    c.model.global_bn = False
-    c.optim.name = "momentum"
-    c.optim.base_lr = 0.1
-    c.optim.lr_scaling = "linear"
-    c.optim.weight_decay = 0.0
-    c.optim.warmup_epochs = 0.0
-    c.batch_size = batch_size
-    c.num_epochs = epochs
-
-
-def semi_supervised(c, fraction: float, batch_size: int, epochs: float) -> None:
-    """SimCLRv2 fine-tuning: every layer, from the first projection-head layer, LARS."""
-    c.label_fraction = fraction
-    c.model.ft_proj_selector = 1
-    c.model.fine_tune_after_block = -1
-    c.model.zero_init_logits_layer = True
-    c.optim.name = "lars"
-    c.optim.base_lr = 0.05  # the ImageNet recipe's 0.005 under-trains at these small batches
-    c.optim.lr_scaling = "sqrt"
-    c.optim.weight_decay = 0.0
-    c.optim.warmup_epochs = 0.0
-    c.batch_size = batch_size
-    c.num_epochs = epochs
-
-
-def supervised(c, fraction: float, batch_size: int, epochs: float, size: str) -> None:
-    """From scratch, same labels and steps as semi_supervised(...) with the same arguments."""
-    semi_supervised(c, fraction, batch_size, epochs)
-    c.init_checkpoint = ""
-    for name, value in pretrain_architecture(size).items():
-        c.model[name] = value
-    c.model.ft_proj_selector = 0
-    c.model.zero_init_logits_layer = False
-    c.optim.base_lr = 0.1
-    c.optim.weight_decay = 1e-4
-    c.optim.warmup_epochs = 1.0
-
-
 def apply_recipe(c, recipe: str, fraction: float, batch_size: int, epochs: float, size: str):
-    """One of RECIPES on config `c` (transfer_digits.py applies them to another dataset)."""
+    """One of recipes.RECIPES at this family's rates (transfer_digits.py applies them too)."""
     if recipe == "linear_eval":
-        linear_eval(c, fraction, batch_size, epochs)
+        recipes.linear_eval(c, fraction=fraction, batch_size=batch_size, epochs=epochs)
     elif recipe == "semi":
-        semi_supervised(c, fraction, batch_size, epochs)
+        # The ImageNet recipe's 0.005 under-trains at these small batches.
+        recipes.semi_supervised(
+            c, fraction=fraction, batch_size=batch_size, epochs=epochs, base_lr=0.05
+        )
     else:
-        supervised(c, fraction, batch_size, epochs, size)
+        recipes.supervised(
+            c, fraction=fraction, batch_size=batch_size, epochs=epochs,
+            architecture=pretrain_architecture(size),
+        )  # fmt: skip
 
 
 def schedule(recipe: str, fraction: float, size: str) -> tuple[int, float]:

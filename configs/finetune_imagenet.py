@@ -29,14 +29,14 @@ is recipe=semi,fraction=0.01, supervised_10pct is recipe=supervised,fraction=0.1
                          10pct fine-tuning budget (same labels, same steps).
 """
 
-from simclr_jax.configs import base
+from simclr_jax.configs import base, recipes
 from simclr_jax.configs.arguments import Arguments
 
 SUBSETS = {0.01: "1pct", 0.1: "10pct"}  # label fraction -> tfds imagenet2012_subset config
 ARGUMENTS = Arguments(
     "finetune_imagenet",
     {"recipe": "linear_eval", "fraction": 1.0},
-    choices={"recipe": ("linear_eval", "semi", "supervised"), "fraction": (1.0, 0.1, 0.01)},
+    choices={"recipe": recipes.RECIPES, "fraction": (1.0, 0.1, 0.01)},
     presets={
         "linear_eval": "recipe=linear_eval,fraction=1.0",
         "1pct": "recipe=semi,fraction=0.01",
@@ -48,29 +48,7 @@ ARGUMENTS = Arguments(
 )
 
 
-def fine_tune_subset(c, subset: str, epochs: float) -> None:
-    c.dataset.name = f"imagenet2012_subset/{subset}"
-    c.model.ft_proj_selector = 1
-    c.model.fine_tune_after_block = -1
-    c.model.zero_init_logits_layer = True
-    c.model.global_bn = True
-    c.optim.name = "lars"
-    c.optim.base_lr = 0.005
-    c.optim.lr_scaling = "sqrt"
-    c.optim.weight_decay = 0.0
-    c.optim.warmup_epochs = 0.0
-    c.batch_size = 1024
-    c.eval_batch_size = 1024
-    c.num_epochs = epochs
-
-
-def from_scratch(c) -> None:
-    c.init_checkpoint = ""
-    c.model.depth = 50
-    c.model.width_multiplier = 1
-    c.model.sk_ratio = 0.0
-    c.model.ft_proj_selector = 0
-    c.model.zero_init_logits_layer = False
+RESNET50 = {"depth": 50, "width_multiplier": 1, "sk_ratio": 0.0}  # the supervised baseline
 
 
 def get_config(arg: str | None = None):
@@ -92,35 +70,19 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2500
     if a.recipe == "linear_eval":
-        c.model.ft_proj_selector = 0
-        c.model.fine_tune_after_block = 4
-        c.model.zero_init_logits_layer = True
-        c.model.global_bn = False
-        c.optim.name = "momentum"
-        c.optim.base_lr = 0.1
-        c.optim.lr_scaling = "linear"
-        c.optim.weight_decay = 1e-6
-        c.optim.warmup_epochs = 0.0
-        c.batch_size = 4096
-        c.eval_batch_size = 4096
-        c.num_epochs = 90.0
+        recipes.linear_eval(c, fraction=1.0, batch_size=4096, epochs=90.0, weight_decay=1e-6)
     elif a.fraction in SUBSETS:  # semi, or supervised with the same labels and steps
         subset = SUBSETS[a.fraction]
-        fine_tune_subset(c, subset, 60.0 if subset == "1pct" else 30.0)
-        if a.recipe == "supervised":
-            from_scratch(c)
-            c.optim.base_lr = 0.1
-            c.optim.weight_decay = 1e-4
-            c.optim.warmup_epochs = 1.0
-    else:  # supervised on all labels
-        from_scratch(c)
-        c.model.global_bn = True
+        c.dataset.name = f"imagenet2012_subset/{subset}"
+        budget = dict(fraction=1.0, batch_size=1024, epochs=60.0 if subset == "1pct" else 30.0)
+        if a.recipe == "semi":
+            recipes.semi_supervised(c, **budget, base_lr=0.005)
+        else:
+            recipes.supervised(c, **budget, architecture=RESNET50)
+    else:  # supervised on all labels: the usual large-batch recipe
+        recipes.supervised(c, fraction=1.0, batch_size=4096, epochs=90.0, architecture=RESNET50)
         c.optim.name = "momentum"
-        c.optim.base_lr = 0.1
         c.optim.lr_scaling = "linear"
-        c.optim.weight_decay = 1e-4
         c.optim.warmup_epochs = 5.0
-        c.batch_size = 4096
-        c.eval_batch_size = 4096
-        c.num_epochs = 90.0
+    c.eval_batch_size = c.batch_size
     return base.lock(c)

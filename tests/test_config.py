@@ -15,18 +15,23 @@ from ml_collections import config_flags
 from simclr_jax import configs
 
 CONFIGS = pathlib.Path(configs.__file__).parent
-# The config files (every module of the package but the argument parser), found, not listed, so a
-# new one is tested too; the list below is what the README documents.
+# The config files (every module of the package but the argument parser, the base builders and
+# the shared recipes), found, not listed, so a new one is tested too; the list below is what the
+# README documents.
 NAMES = sorted(
-    m.name for m in pkgutil.iter_modules(configs.__path__) if m.name not in ("arguments", "base")
+    m.name
+    for m in pkgutil.iter_modules(configs.__path__)
+    if m.name not in ("arguments", "base", "recipes")
 )
 DOCUMENTED = [
-    "distill_fashion_mnist", "finetune_fashion_mnist", "finetune_imagenet", "pretrain_cifar10",
+    "distill_fashion_mnist", "finetune_cifar10", "finetune_fashion_mnist", "finetune_imagenet",
+    "pretrain_cifar10",
     "pretrain_fashion_mnist", "pretrain_imagenet", "transfer_digits",
 ]  # fmt: skip
 # The default preset of each file, as its docstring names it.
 DEFAULT_PRESET = {
-    "distill_fashion_mnist": "self", "finetune_fashion_mnist": "linear_eval",
+    "distill_fashion_mnist": "self", "finetune_cifar10": "linear_eval",
+    "finetune_fashion_mnist": "linear_eval",
     "finetune_imagenet": "linear_eval", "pretrain_cifar10": "reference",
     "pretrain_fashion_mnist": "demo", "pretrain_imagenet": "v1", "transfer_digits": "linear_eval",
 }  # fmt: skip

@@ -117,7 +117,7 @@ def pretrain_config() -> ConfigDict:
     c.probe.learning_rate = 0.02
     # The probe trains on every `clean_every`-th image of each batch un-augmented: preprocessed as
     # for evaluation, through the network in inference mode, so it learns the features a linear
-    # evaluation sees (on the views' crops and colours it ends ~4 points lower on Fashion-MNIST).
+    # evaluation sees (on the views' crops and colours it ends lower: benchmarks/RESULTS.md).
     # Costs a forward pass of batch / clean_every images. 0 = the probe trains on the two views,
     # as the reference does. Needs whole images (in-memory data, not ImageNet's host crops).
     c.probe.clean_every = 4

@@ -16,9 +16,8 @@ Arguments (simclr_jax.configs.arguments), default student=self,size=full:
   size=demo       for a 2-core CPU after the demo fine-tuning (under a minute: 600 steps of 128
                   images, 1.3 epochs): meant to start from the pretraining checkpoint (pass
                   --config.init_checkpoint=PRETRAIN_WORKDIR; without it, it starts from scratch),
-                  LARS lr 0.05 x sqrt(B), no weight decay. After the demo's 7-epoch pretraining and
-                  LP-FT teacher (80.50%, seed 1): student 79.78% at 300 steps, 80.80% at 600,
-                  80.79% at 900; at lr 0.02 x sqrt(B) 79.60% (300 steps).
+                  LARS lr 0.05 x sqrt(B), no weight decay (the step count and rate that kept
+                  the student level with its teacher: benchmarks/RESULTS.md, "distillation").
   size=tiny       a few steps for the tests (no TensorBoard files).
 Presets: self (the default), big_to_small (student=small), demo (size=demo), tiny (size=tiny).
 """

@@ -27,14 +27,12 @@ Arguments (simclr_jax.configs.arguments), default recipe=linear_eval,fraction=1.
   size=demo           for a 2-core CPU after the `demo` pretraining (the CPU-shaped convnet),
                       under a minute each at 1%: linear_eval batch 256, 1 epoch; semi /
                       supervised about 600 steps at any fraction, batch 60 below 10% of the labels
-                      (60 epochs at 1%), else 256; semi at lr 0.01 (0.005-0.015 measured best
-                      after the demo pretraining, 0.05 lost 2 points), supervised at 0.1 (of
-                      0.03 / 0.1 / 0.3 / 1.0 on 600 labels: 75.0 / 76.6 / 76.0 / 44.3%).
+                      (60 epochs at 1%), else 256; semi at lr 0.01, supervised at 0.1 (each the
+                      best of a grid: benchmarks/RESULTS.md, "tuning the demo recipe").
                       The demo's semi is LP-FT from the projection head's input: the classifier
                       on the backbone output (ft_proj_selector=0) and started at the logistic
-                      regression of those features (init_classifier_by_linear_fit). On the three
-                      seeds' encoders, 600 labels: 80.77% against 80.10% from head layer 1 with
-                      a zero classifier (LP-FT from head layer 1: 79.59%).
+                      regression of those features (init_classifier_by_linear_fit; RESULTS.md,
+                      "LP-FT", compares it with fine-tuning from head layer 1).
   size=tiny           a few steps of a base-width-4 ResNet-18 for the tests (no TensorBoard).
 Presets: linear_eval (the default), 1pct, 10pct (semi at 0.01 / 0.1), supervised_1pct,
 supervised_10pct, supervised (all labels), demo_linear_eval, demo_1pct, demo_supervised_1pct,

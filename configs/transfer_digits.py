@@ -15,13 +15,10 @@ fraction=F, default 1.0: all 1,297 labels; size=full|demo|tiny), so the two data
 with these schedules:
   size=full   linear_eval: batch 128, 100 epochs (1,000 steps); semi / supervised: batch 64,
               30 epochs (600 steps); the resnet18 pretraining's network.
-  size=demo   after the `demo` pretraining (ResNet-18, base width 8), sized so the three take
-              about 3 minutes on a 2-core CPU (transfer_demo prints the table; README has the
+  size=demo   after the `demo` pretraining, sized for a few minutes on a 2-core CPU
+              (transfer_demo prints the table; benchmarks/RESULTS.md, "transfer", has the
               measured one): linear_eval batch 128, 30 epochs (300 steps); semi / supervised batch
-              64, 15 epochs (300 steps). Measured after a 200-step demo pretraining (probe 68.3%):
-              86.0% linear, 96.8% fine-tuned, 98.0% from scratch (test top-1, seed 0; 2.6 minutes
-              in all). This small Fashion-MNIST network does not beat training from scratch on
-              digits, even with 10% of the labels (fraction=0.1: 90.6% vs 93.4%, 300 steps each).
+              64, 15 epochs (300 steps).
   size=tiny   a few steps of the base-width-4 network of the `tiny` pretraining (tests).
 Presets: linear_eval (the default), finetune (recipe=semi), scratch (recipe=supervised), the same
 three with demo_ and tiny_ in front (demo_finetune, tiny_scratch, ...), and tiny

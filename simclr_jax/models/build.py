@@ -164,8 +164,8 @@ def init_variables(
     """The model's variables from `seed` (BN in inference mode: no collectives), placed by `sharding`.
 
     On the CPU the initialiser is compiled without backend optimisation: LLVM spends tens of seconds
-    optimising random-number code that runs once (22 s -> 2.5 s for a tiny ResNet-18, same values to
-    1 ulp). Accelerators compile it normally.
+    optimising random-number code that runs once (same values to 1 ulp; benchmarks/RESULTS.md has
+    the times). Accelerators compile it normally.
     """
     dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     init = jax.jit(functools.partial(model.init, train=False), out_shardings=sharding)

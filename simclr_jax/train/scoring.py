@@ -112,7 +112,7 @@ def knn_scores(
     def chunk_votes(chunk: jax.Array) -> jax.Array:
         similarity = jnp.dot(chunk, train.T, precision=jax.lax.Precision.HIGHEST)
         # The barrier keeps XLA:CPU from fusing top_k into the exp below, which made a chunk
-        # of 256 queries against 60,000 features 25x slower (3.0 s against 0.12 s).
+        # of queries against the whole bank many times slower (benchmarks/RESULTS.md).
         top_similarity, top_index = jax.lax.optimization_barrier(jax.lax.top_k(similarity, k))
         # Shifting by the best similarity scales a query's votes by one factor (same vote) and
         # keeps exp() finite at small temperatures.

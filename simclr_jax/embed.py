@@ -30,11 +30,10 @@ from absl import flags
 from etils import epath
 
 from simclr_jax import cli, saved_run
-from simclr_jax.data.augment import CROP_PROPORTION
+from simclr_jax.data.augment import CROP_PROPORTION, EVAL_NO_CROP_MAX_SIZE
 from simclr_jax.data.folders import IMAGE_EXTENSIONS
 from simclr_jax.models.resnet import total_stride
 
-NO_CROP_MAX_SIZE = 32  # the reference evaluates images of at most 32 px without a centre crop
 MIN_CANVAS = 64  # smallest padded canvas (sides are rounded up to a power of two)
 
 
@@ -98,7 +97,7 @@ def decode(path: epath.Path, channels: int) -> np.ndarray:
 def crop_window(image: np.ndarray, image_size: int) -> np.ndarray:
     """The reference's eval crop: the central square of round(0.875 * shorter side) pixels,
     offsets (side difference + 1) // 2 (data_util.center_crop); none at 32 px and below."""
-    if image_size <= NO_CROP_MAX_SIZE:
+    if image_size <= EVAL_NO_CROP_MAX_SIZE:
         return image
     height, width = image.shape[:2]
     side = max(1, int(round(CROP_PROPORTION * min(height, width))))  # half to even, as tf.rint

@@ -27,18 +27,16 @@ from simclr_jax.data import prepared
 
 def summary(record: dict, data_dir: str) -> str:
     """A few lines on what was prepared, and how to train on it."""
-    splits = ", ".join(f"{split} {counts['examples']:,}" for split, counts in record["splits"].items())
+    splits = ", ".join(f"{split} {c['examples']:,}" for split, c in record["splits"].items())
     classes = f"{len(record['classes'])} classes" if record["classes"] else "unlabelled"
-    skipped = len(record["skipped"])
-    lines = [
+    skipped = record["skipped"]
+    example = f", e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
+    return "\n".join([
         f"{record['name']}: {splits} ({classes}, {record['channels']} channel(s)) in "
         f"{data_dir}/{record['name']}/{record['version']}",
-        f"{skipped} unreadable file(s) skipped"
-        + (f", e.g. {record['skipped'][0]['path']}: {record['skipped'][0]['reason']}" if skipped else "")
-        + f"; all listed in {prepared.RECORD}",
+        f"{len(skipped)} unreadable file(s) skipped{example}; all listed in {prepared.RECORD}",
         f"train with: {record['use']}",
-    ]
-    return "\n".join(lines)
+    ])  # fmt: skip
 
 
 def main() -> None:

@@ -470,7 +470,7 @@ def simclr_views(
     """Two independent views float32 [B, out, out, C] of uint8 images [B, H, W, C].
 
     `images` may also be [B, 2, S, S, C]: two crops per image already taken on the host
-    (variable-size datasets, see tfds_source.host_pipeline); view v then uses crop v, uncropped.
+    (variable-size datasets, see step_stream.StepStream); view v then uses crop v, uncropped.
     brightness: 'multiplicative' (SimCLRv2, the default) or 'additive' (SimCLR v1).
     """
     precropped = images.ndim == 5

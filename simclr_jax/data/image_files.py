@@ -19,8 +19,10 @@ decode to the end, raises UnreadableImage with the reason; callers count and lis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+from collections.abc import Iterator
 
 import numpy as np
 from etils import epath
@@ -59,39 +61,65 @@ def read_stored(path: str) -> StoredImage:
     """The file as a prepared dataset stores it (see the module docstring for the rules)."""
     data = epath.Path(path).read_bytes()
     if path.lower().endswith(ARRAY_EXTENSIONS):
-        pixels, source, conversion = _array_pixels(data)
-        return _as_png(pixels, source, conversion)
+        return _as_png(*_array_pixels(data))
+    with _opened(data) as image:
+        bit_depth = _bit_depth(data, image.format)
+        source = f"{image.format} {image.mode}"
+        if (image.format, image.mode) in _KEPT and bit_depth == 8:
+            width, height = image.size  # before _check_decodes' draft shrinks it
+            _check_decodes(image)
+            return StoredImage(data, height, width, len(image.mode), source, "")
+        pixels, conversion = _converted(image, bit_depth)
+    return _as_png(pixels, source, conversion)
+
+
+def read_pixels(path: str, channels: int | None = None) -> np.ndarray:
+    """uint8 [H, W, C] of any readable file by the same rules; `channels` 1 or 3 converts
+    (grayscale repeated; RGB to PIL's luma), None keeps the file's own."""
+    data = epath.Path(path).read_bytes()
+    if path.lower().endswith(ARRAY_EXTENSIONS):
+        return with_channels(_array_pixels(data)[0], channels)
+    with _opened(data) as image:
+        if (image.format, image.mode) in _KEPT and _bit_depth(data, image.format) == 8:
+            pixels = np.asarray(image, np.uint8).reshape(image.size[1], image.size[0], -1)
+        else:
+            pixels, _ = _converted(image, _bit_depth(data, image.format))
+    return with_channels(pixels, channels)
+
+
+def decode_stored(data: bytes, channels: int | None = None) -> np.ndarray:
+    """uint8 [H, W, C] of the bytes a prepared dataset stores (JPEG or PNG, 1 or 3 channels)."""
+    with _opened(data) as image:
+        pixels = np.asarray(image, np.uint8).reshape(image.size[1], image.size[0], -1)
+    return with_channels(pixels, channels)
+
+
+def with_channels(pixels: np.ndarray, channels: int | None) -> np.ndarray:
+    """uint8 [H, W, C] -> [H, W, channels]: grayscale repeated, RGB to PIL's luma (L = (299 R +
+    587 G + 114 B) / 1000); None keeps them."""
+    from PIL import Image
+
+    if channels is None or channels == pixels.shape[-1]:
+        return pixels
+    if channels == 3:
+        return np.repeat(pixels, 3, axis=-1)
+    return np.asarray(Image.fromarray(pixels).convert("L"), np.uint8)[..., None]
+
+
+@contextlib.contextmanager
+def _opened(data: bytes) -> Iterator:
+    """A PIL image of `data`; any failure to decode it becomes UnreadableImage with the reason."""
     from PIL import Image  # PIL is only needed for image files
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            kind, bit_depth = (image.format, image.mode), _bit_depth(data, image.format)
-            if kind in _KEPT and bit_depth == 8:
-                width, height = image.size  # before _check_decodes' draft shrinks it
-                _check_decodes(image)
-                source = f"{image.format} {image.mode}"
-                return StoredImage(data, height, width, len(image.mode), source, "")
-            pixels, conversion = _converted(image, bit_depth)
+            yield image
     except UnreadableImage:
         raise
     except Image.UnidentifiedImageError:
         raise UnreadableImage("not an image file PIL can identify") from None
     except Exception as error:  # noqa: BLE001 - PIL raises many types; all mean "unreadable"
         raise UnreadableImage(f"{type(error).__name__}: {error}") from None
-    return _as_png(pixels, f"{kind[0]} {kind[1]}", conversion)
-
-
-def read_pixels(path: str, channels: int | None = None) -> np.ndarray:
-    """uint8 [H, W, C] of any readable file, by the same rules; `channels` 1 or 3 converts
-    (grayscale repeated; RGB to PIL's luma), None keeps the file's own."""
-    from PIL import Image
-
-    stored = read_stored(path)
-    with Image.open(io.BytesIO(stored.data)) as image:
-        if channels is not None and channels != stored.channels:
-            image = image.convert("RGB" if channels == 3 else "L")
-        pixels = np.asarray(image, np.uint8)
-    return pixels.reshape(*pixels.shape[:2], -1)
 
 
 def _bit_depth(data: bytes, image_format: str) -> int:

@@ -169,5 +169,7 @@ def merge(summaries: list[dict]) -> dict:
         total["bytes"] += summary["bytes"]
         total["skipped"] += summary["skipped"]
         for field in ("per_class", "sizes", "channels", "kinds", "conversions"):
-            total[field] = dict(collections.Counter(total[field]) + collections.Counter(summary[field]))
+            total[field] = dict(
+                collections.Counter(total[field]) + collections.Counter(summary[field])
+            )
     return total

@@ -203,7 +203,9 @@ def eval_batches(
         return images, labels
 
     def prepare(encoded, label):
-        image = tfds_source.eval_crop_uint8(tf, tfds_source.decode(tf, encoded, channels), image_size)
+        image = tfds_source.eval_crop_uint8(
+            tf, tfds_source.decode(tf, encoded, channels), image_size
+        )
         return {"image": image, "label": label}
 
     ds = tf.data.Dataset.range(math.ceil(len(share) / local_batch))

@@ -134,11 +134,21 @@ def open_data_source(name: str, split: str, *, data_dir: str = ""):
             f"build it with `tfds build {name} --file_format=array_record`)"
         ) from None
     except (AssertionError, FileNotFoundError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        if _prepared_splits(found) & {split, split.split("[")[0]}:  # prepared: a bad slice
+            raise ValueError(f"split {split!r} of {name!r}: {reason}") from None
         raise FileNotFoundError(
             f"tfds dataset {name!r} split {split!r} is not prepared in {found.data_dir}: run "
-            f"`tfds build {name} --file_format=array_record` ({' '.join(str(error).split())})"
+            f"`tfds build {name} --file_format=array_record` ({reason})"
         ) from None
     return source, found.info
+
+
+def _prepared_splits(found) -> set[str]:
+    try:
+        return set(found.info.splits.keys()) if found.is_prepared() else set()
+    except Exception:  # noqa: BLE001 - only to choose the message; tfds raises several types
+        return set()
 
 
 def read_records(source, keys: list[int]) -> list[dict]:

@@ -251,6 +251,8 @@ def _check_readable(work: epath.Path, images: str, tasks: list, summaries: dict)
         merged = shard_writer.merge([summaries[t.key] for t in tasks if t.split == split])
         if merged["examples"] == 0:
             shutil.rmtree(work)
+            if not any(work.parent.iterdir()):
+                work.parent.rmdir()
             path, why = merged["skipped"][0]
             where = "" if len(splits) == 1 else f" of the {split} split"
             raise ValueError(

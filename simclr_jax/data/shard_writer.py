@@ -99,7 +99,7 @@ def write_shard(
     Unreadable files are counted and listed in the summary, or with `strict` raise ValueError.
     `counter` (a shared multiprocessing value, or None) counts the files done, for progress."""
     folder = epath.Path(folder)
-    serializer = features(class_names, 3)  # the stored bytes do not depend on the channel count
+    serialize = _serializer(class_names)
     records, summary = [], _empty_summary()
     for path, label in task.files:
         try:
@@ -115,7 +115,7 @@ def write_shard(
             example = {"image": stored.data, "file_name": path}
             if class_names:
                 example["label"] = label
-            records.append(serializer.serialize_example(example))
+            records.append(serialize(example))
             _count(summary, stored, label, len(records[-1]))
         if counter is not None:
             with counter.get_lock():
@@ -123,6 +123,22 @@ def write_shard(
     _write_atomically(shard_path(folder, name, task), records, folder / WORK_FOLDER)
     _save_json(summary_path(folder, task), summary)
     return summary
+
+
+def _serializer(class_names: tuple[str, ...]):
+    """example -> tf.train.Example bytes, by tfds's features and serializer, with the map of
+    features in a fixed order (protobuf's default order varies between processes), so that the
+    same unit writes the same bytes in any process. The stored bytes do not depend on the channel
+    count, which is known only at the end."""
+    tfds = tfds_source.import_tfds_library()
+    found = features(class_names, 3)
+    serializer = tfds.core.example_serializer.ExampleSerializer(found.get_serialized_info())
+
+    def serialize(example: dict) -> bytes:
+        proto = serializer.get_tf_example(found.encode_example(example))
+        return proto.SerializeToString(deterministic=True)
+
+    return serialize
 
 
 def _empty_summary() -> dict:

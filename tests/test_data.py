@@ -167,7 +167,8 @@ def test_data_modules_do_not_import_tensorflow():
         """
         import sys
         import simclr_jax.data.sources, simclr_jax.data.pipeline, simclr_jax.data.augment
-        import simclr_jax.data.tfds_source, simclr_jax.data.show
+        import simclr_jax.data.tfds_source, simclr_jax.data.show, simclr_jax.data.stage_data
+        import simclr_jax.data.prepared, simclr_jax.data.step_stream, simclr_jax.prepare
         assert "tensorflow" not in sys.modules, "tensorflow imported eagerly"
         sys.modules["tensorflow"] = None  # now behave as if it were not installed
         sys.modules["tensorflow_datasets"] = None

@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import statistics
+import sys
 import time
 
 from etils import epath
@@ -170,8 +171,9 @@ def _run_units(unit, todo: list, *, workers: int, total: int, initial: int, prog
 
     context = multiprocessing.get_context("spawn")  # forking a process that may hold TF is unsafe
     counter = context.Value("q", 0)
+    interval = 1.0 if sys.stderr.isatty() else 30.0  # a log file gets a line every 30 s
     bar = tqdm(total=total, initial=initial, unit="img", desc="prepare", disable=not progress,
-               mininterval=1.0, smoothing=0.05)  # fmt: skip
+               mininterval=interval, smoothing=0.05)  # fmt: skip
     with bar:
         if workers == 1 or len(todo) <= 1:
             _share_counter(counter)

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 from etils import epath
 
-from simclr_jax.data.image_files import is_image_file, read_pixels
+from simclr_jax.data.image_files import UnreadableImage, is_image_file, read_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,10 @@ def load_folder(
         except Exception as err:  # PIL raises many types for bad files; all mean "unreadable".
             if strict:
                 raise ValueError(f"cannot decode image {path}: {err}") from err
-            skipped.append((path, f"{type(err).__name__}: {err}"))
+            reason = (
+                str(err) if isinstance(err, UnreadableImage) else f"{type(err).__name__}: {err}"
+            )
+            skipped.append((path, reason))
             continue
         labels.append(label)
     if skipped:

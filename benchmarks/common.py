@@ -162,13 +162,14 @@ def host_batches(
     data_dir: str = "",
     seed: int = 0,
 ) -> Iterator[Iterator[dict[str, np.ndarray]]]:
-    """The host tf.data path (tfds_source.host_pipeline, two crops per image, as for ImageNet).
+    """The host tf.data path (step_stream.StepStream, two crops per image, as for ImageNet).
 
     Without `data_dir` the dataset is tfds's mock (random JPEGs of 5-50 px generated in memory,
     offline): a smoke check of the path, much cheaper to decode than real ImageNet images. Give
-    the prepared dataset's data_dir to measure the real host cost.
+    the prepared dataset's data_dir (`tfds build`, or `python -m simclr_jax.prepare`) to measure
+    the real host cost.
     """
-    from simclr_jax.data import tfds_source
+    from simclr_jax.data.step_stream import StepStream
 
     with contextlib.ExitStack() as stack:
         if not data_dir:
@@ -179,19 +180,13 @@ def host_batches(
                     num_examples=4 * global_batch, policy=tfds.testing.MockPolicy.USE_CODE
                 )
             )
-        batches = tfds_source.host_pipeline(
-            tfds_name,
-            "train",
-            local_batch=global_batch // jax.process_count(),
-            image_size=image_size,
-            train=True,
-            data_dir=data_dir,
-            seed=seed,
-            num_crops=2,
-        )
+        stream = StepStream(
+            tfds_name, "train", global_batch=global_batch, image_size=image_size,
+            data_dir=data_dir, seed=seed, num_crops=2,
+        )  # fmt: skip
         yield (
             {"image": b["image"], "label": (b["label"] % NUM_CLASSES).astype(np.int32)}
-            for b in batches
+            for b in stream.batches(0)
         )
 
 

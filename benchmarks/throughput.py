@@ -8,7 +8,7 @@
 One image = two views. --batch is per device (the global batch is batch x devices). Data variants:
   device  uint8 images resident on the devices, batches gathered and augmented there (the real path
           of pretrain.train_and_evaluate for fixed-size datasets);
-  host    two crops per image from the host tf.data pipeline (tfds_source.host_pipeline, the path for
+  host    two crops per image from the host tf.data pipeline (step_stream.StepStream, the path for
           variable-size images), copied to the devices each step; colour, flip and blur on device.
           Offline it reads tfds's mock data (tiny JPEGs): pass --tfds_data_dir for real images;
   views   two ready-made float views: the model, loss and optimizer alone.

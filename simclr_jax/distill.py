@@ -42,14 +42,17 @@ from simclr_jax.train.update import averaged_update, fine_tune_state
 LABELED_STREAM = 1  # augmentation key stream of the labelled batch (0 = the unlabelled batch)
 
 
-def make_train_step(student: SimCLRModel, teacher: SimCLRModel, config, *, with_labels: bool):
+def make_train_step(
+    student: SimCLRModel, teacher: SimCLRModel, config, *, with_labels: bool, precropped=False
+):
     """Per-replica step(state, teacher_variables, batch).
 
-    batch: {'image'} unlabelled uint8 images, plus {'labeled_image', 'label'} when with_labels.
+    batch: {'image'} unlabelled uint8 images, plus {'labeled_image', 'label'} when with_labels;
+    precropped: the host took the crops (a streamed dataset), the step only flips.
     """
 
     def step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array]):
-        images = views.finetune_view(config, state.step, batch["image"])
+        images = views.finetune_view(config, state.step, batch["image"], precropped=precropped)
         # The teacher labels exactly the view the student sees, frozen and in inference mode.
         teacher_logits = jax.lax.stop_gradient(
             teacher.apply(teacher_variables, images, train=False)["logits"]
@@ -57,8 +60,9 @@ def make_train_step(student: SimCLRModel, teacher: SimCLRModel, config, *, with_
         num_unlabeled = images.shape[0]
         if with_labels:
             labeled = views.finetune_view(
-                config, state.step, batch["labeled_image"], stream=LABELED_STREAM
-            )
+                config, state.step, batch["labeled_image"], precropped=precropped,
+                stream=LABELED_STREAM,
+            )  # fmt: skip
             images = jnp.concatenate([images, labeled])
 
         def loss_fn(params):
@@ -105,7 +109,9 @@ def make_stage(
     return runner.Stage(
         f"Distilling (alpha {config.alpha:g}, temperature {config.temperature:g})",
         initial_state,
-        make_train_step(student, teacher, config, with_labels=config.alpha > 0),
+        make_train_step(
+            student, teacher, config, with_labels=config.alpha > 0, precropped=data.precropped
+        ),
         data.batch_for_step,
         schedule,
         replicated=(teacher_variables,),

@@ -88,9 +88,12 @@ def make_view_gradient_fn(model: SimCLRModel, config: ml_collections.ConfigDict)
             if probe_batch is not None:  # the probe sees the images as evaluation does
                 probe_images, probe_labels = probe_batch
                 logits = model.apply(variables, probe_images, train=False)["logits"]
-            probe = losses.softmax_cross_entropy(logits, probe_labels)
+            # Unlabelled images (label -1, a prepared flat folder) teach the probe nothing.
+            labelled = probe_labels >= 0
+            probe = losses.softmax_cross_entropy(logits, probe_labels, mask=labelled)
             aux = dict(aux, contrastive_loss=contrastive, probe_loss=probe)
-            aux["probe_acc"] = jnp.mean(jnp.argmax(logits, -1) == probe_labels)
+            correct = (jnp.argmax(logits, -1) == probe_labels) & labelled
+            aux["probe_acc"] = jnp.sum(correct) / jnp.maximum(jnp.sum(labelled), 1)
             return contrastive + probe, (aux, updates["batch_stats"])
 
         grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -138,7 +141,8 @@ def make_stage(
             "--config.probe.clean_every=0 (the probe trains on the views, as the reference)"
         )
     schedule = optim.train_schedule(config, data.num_examples)
-    model = make_model(config, data.num_classes)
+    # Unlabelled data still gets a (one-class) probe, so every pretraining state has one shape.
+    model = make_model(config, max(data.num_classes, 1))
     probe_lr = config.probe.learning_rate
     probe_schedule = schedule.learning_rate(probe_lr) if probe_lr > 0 else None
 

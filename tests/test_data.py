@@ -167,7 +167,8 @@ def test_data_modules_do_not_import_tensorflow():
         """
         import sys
         import simclr_jax.data.sources, simclr_jax.data.pipeline, simclr_jax.data.augment
-        import simclr_jax.data.tfds_source, simclr_jax.data.show
+        import simclr_jax.data.tfds_source, simclr_jax.data.show, simclr_jax.data.stage_data
+        import simclr_jax.data.prepared, simclr_jax.data.step_stream, simclr_jax.prepare
         assert "tensorflow" not in sys.modules, "tensorflow imported eagerly"
         sys.modules["tensorflow"] = None  # now behave as if it were not installed
         sys.modules["tensorflow_datasets"] = None
@@ -185,6 +186,7 @@ def test_data_modules_do_not_import_tensorflow():
 def test_tfds_mock_arrays_pipeline_and_missing_dataset(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     from simclr_jax.data import tfds_source
+    from simclr_jax.data.step_stream import StepStream, eval_batches
 
     with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
         tfds_source.load_arrays("cifar10", "train", data_dir=str(tmp_path))
@@ -198,23 +200,30 @@ def test_tfds_mock_arrays_pipeline_and_missing_dataset(tmp_path):
         with pytest.raises(ValueError, match="variable-size"):
             tfds_source.load_arrays("imagenet2012", "train")
 
-        train = tfds_source.host_pipeline(
-            "imagenet2012", "train", local_batch=3, image_size=12, train=True,
-            num_crops=2,
-        )  # fmt: skip
+        train = StepStream("imagenet2012", "train", global_batch=3, image_size=12, seed=0,
+                           num_crops=2).batches(0)  # fmt: skip
         batch = next(train)
         assert batch["image"].shape == (3, 2, 12, 12, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (3,)
         assert not np.array_equal(batch["image"][:, 0], batch["image"][:, 1])  # two crops
 
-        evaluation = list(
-            tfds_source.host_pipeline(
-                "imagenet2012", "validation", local_batch=2, image_size=12, train=False
-            )
-        )
+        evaluation = list(eval_batches("imagenet2012", "validation", local_batch=2, image_size=12))
         masks = np.concatenate([b["mask"] for b in evaluation])
         assert masks.tolist() == [1, 1, 1, 1, 1, 0]  # 5 examples in batches of 2, one pad row
         assert (evaluation[-1]["image"][1] == 0).all()
+        # Two processes: contiguous shares (3 and 2 examples), the same number of batches each.
+        shares = [
+            list(eval_batches("imagenet2012", "validation", local_batch=2, image_size=12,
+                              process_index=i, process_count=2))
+            for i in range(2)
+        ]  # fmt: skip
+        assert [np.concatenate([b["mask"] for b in share]).tolist() for share in shares] == [
+            [1, 1, 1, 0], [1, 1, 0, 0],
+        ]  # fmt: skip
+        together = np.concatenate([b["label"][b["mask"] > 0] for s in shares for b in s])
+        np.testing.assert_array_equal(
+            together, np.concatenate([b["label"][b["mask"] > 0] for b in evaluation])
+        )
 
 
 # ------------------------------------------------------------------------------------ pipeline

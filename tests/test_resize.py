@@ -87,7 +87,7 @@ def test_host_resize_is_not_antialiased():
     from simclr_jax.data import tfds_source
 
     image = (_image(50, 60) * 255).round().astype(np.uint8)
-    ours = tfds_source._resize_uint8(tf, tf.constant(image), 20).numpy().astype(np.float32)
+    ours = tfds_source.resize_uint8(tf, tf.constant(image), 20).numpy().astype(np.float32)
     expected = jax.image.resize(jnp.asarray(image, jnp.float32), (20, 20, 3), "cubic", False)
     rows, cols = _interior(50, 20), _interior(60, 20)
     diff = np.abs(ours - np.clip(np.round(np.asarray(expected)), 0, 255))[np.ix_(rows, cols)]

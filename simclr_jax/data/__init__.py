@@ -1,5 +1,7 @@
-"""Data: sources (local Fashion-MNIST, tfds, image folders, arrays), on-device SimCLR augmentation,
-and the batch pipelines (device-resident training data, padded exact-eval batches).
+"""Data: sources (local Fashion-MNIST, tfds, image folders, arrays), folders prepared once into tfds
+datasets (prepared.py, with folder_layout, image_files and shard_writer), on-device SimCLR
+augmentation, and the batch pipelines (device-resident training data, streamed batches read by
+index, padded exact-eval batches).
 
 tensorflow / tensorflow_datasets are imported only inside `tfds_source`, and only when it is used.
 """

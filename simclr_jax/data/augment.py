@@ -33,6 +33,9 @@ import numpy as np
 from jax import lax
 
 CROP_PROPORTION = 0.875  # eval centre crop for images larger than 32 px (reference).
+# Variable-size images are evaluated with that centre crop only for networks larger than this
+# (the reference's test_crop = image_size > 32); smaller networks see the whole image resized.
+EVAL_NO_CROP_MAX_SIZE = 32
 ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 BRIGHTNESS_MODES = ("multiplicative", "additive")  # SimCLRv2 (default), SimCLR v1
 GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R 601 luma, as tf.image.rgb_to_grayscale.
@@ -467,7 +470,7 @@ def simclr_views(
     """Two independent views float32 [B, out, out, C] of uint8 images [B, H, W, C].
 
     `images` may also be [B, 2, S, S, C]: two crops per image already taken on the host
-    (variable-size datasets, see tfds_source.host_pipeline); view v then uses crop v, uncropped.
+    (variable-size datasets, see step_stream.StepStream); view v then uses crop v, uncropped.
     brightness: 'multiplicative' (SimCLRv2, the default) or 'additive' (SimCLR v1).
     """
     precropped = images.ndim == 5

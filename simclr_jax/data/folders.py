@@ -1,8 +1,10 @@
 """Your own images from a folder: one subfolder per class (labelled) or a flat folder (unlabelled).
 
-Meant for small data that fits in memory: every image is decoded with PIL, resized so its shorter
-side is `image_size` and centre-cropped to a square. Files PIL cannot read are counted and reported;
-they are skipped unless `strict=True`, so one corrupt JPEG among thousands does not stop a run.
+Meant for small data that fits in memory: every image is read by data/image_files.py's rules (the
+same as `simclr_jax.prepare`'s: 16-bit by its high byte, alpha dropped, .npy arrays), resized so
+its shorter side is `image_size` and centre-cropped to a square. Files that cannot be read are
+counted and reported; they are skipped unless `strict=True`, so one corrupt JPEG among thousands
+does not stop a run. Larger collections: prepare them once and stream (simclr_jax.prepare).
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ import logging
 import numpy as np
 from etils import epath
 
-IMAGE_EXTENSIONS = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-)  # fmt: skip
+from simclr_jax.data.image_files import UnreadableImage, is_image_file, read_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +26,6 @@ class FolderContents:
     labels: np.ndarray | None  # int32 [N]
     class_names: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...]  # (path, reason)
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def list_files(root: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
@@ -47,25 +43,24 @@ def list_files(root: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
         for label, name in enumerate(class_names):
             for dirpath, dirnames, filenames in (directory / name).walk():
                 dirnames.sort()
-                names = [f for f in sorted(filenames) if _is_image(f)]
+                names = [f for f in sorted(filenames) if is_image_file(f)]
                 files += [(str(dirpath / f), label) for f in names]
         return files, class_names
-    return [(str(e), -1) for e in entries if _is_image(e.name)], ()
+    return [(str(e), -1) for e in entries if is_image_file(e.name)], ()
 
 
 def decode_square(path: str, image_size: int, channels: int) -> np.ndarray:
     """Decode one file to uint8 [S, S, C]: shorter side resized to S (bicubic), centre crop."""
     from PIL import Image  # PIL is only needed for image folders.
 
-    with epath.Path(path).open("rb") as file, Image.open(file) as img:
-        img = img.convert("RGB" if channels == 3 else "L")
-        width, height = img.size
-        scale = image_size / min(width, height)
-        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
-        array = np.asarray(img, dtype=np.uint8)
+    pixels = read_pixels(path, channels)
+    img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    width, height = img.size
+    scale = image_size / min(width, height)
+    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    array = np.asarray(img.crop((left, top, left + image_size, top + image_size)), np.uint8)
     return array.reshape(image_size, image_size, channels)
 
 
@@ -85,7 +80,10 @@ def load_folder(
         except Exception as err:  # PIL raises many types for bad files; all mean "unreadable".
             if strict:
                 raise ValueError(f"cannot decode image {path}: {err}") from err
-            skipped.append((path, f"{type(err).__name__}: {err}"))
+            reason = (
+                str(err) if isinstance(err, UnreadableImage) else f"{type(err).__name__}: {err}"
+            )
+            skipped.append((path, reason))
             continue
         labels.append(label)
     if skipped:

@@ -7,7 +7,7 @@ k gives exactly the batches an uninterrupted run would have seen.
 
 Multi-process: every process must hold the same whole split (they all load it from the same source)
 and call `.batch(step)` with the same step; each then gathers only its own devices' rows of the same
-global array. Datasets too large to replicate belong in tfds_source.host_pipeline.
+global array. Datasets too large to replicate stream instead (step_stream.py).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Process-local host batches (e.g. from tfds_source.host_pipeline) as global sharded arrays."""
+    """Process-local host batches (e.g. from step_stream.StepStream) as global sharded arrays."""
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()

@@ -2,15 +2,15 @@
 
 `load_split(config.dataset, split)` is the one entry point the trainers use. `source` picks where
 images come from: the local Debian Fashion-MNIST files, tfds (fixed-size datasets such as CIFAR-10
-or STL-10), or an image folder. Variable-size datasets (ImageNet) do not fit this shape: they stream
-through `tfds_source.host_pipeline` instead.
+or STL-10), or an image folder. Variable-size datasets (ImageNet, a folder prepared by `simclr_jax.prepare`)
+do not fit this shape: they stream (data/step_stream.py) instead.
 """
 
 from __future__ import annotations
 
 from etils import epath
 
-from simclr_jax.data import digits, fashion_mnist, splits
+from simclr_jax.data import digits, fashion_mnist, folders, splits, tfds_source
 from simclr_jax.data.arrays import ImageArrays, from_arrays
 from simclr_jax.data.label_fraction import stratified_subset
 
@@ -60,8 +60,6 @@ def check_data_dir(dataset_config) -> None:
 
 
 def _folder(dataset_config, split: str) -> ImageArrays:
-    from simclr_jax.data import folders
-
     root = dataset_config.data_dir
     if not root:
         raise ValueError("dataset.data_dir must name the image folder when dataset.source='folder'")
@@ -86,8 +84,6 @@ def _folder(dataset_config, split: str) -> ImageArrays:
 
 
 def _tfds(dataset_config, split: str) -> ImageArrays:
-    from simclr_jax.data import tfds_source
-
     return tfds_source.load_arrays(dataset_config.name, split, data_dir=dataset_config.data_dir)
 
 

@@ -1,9 +1,10 @@
 """A stage's data: its training batches (a function of the step) and its exact-evaluation batches.
 
 Fixed-size datasets live on the devices (pipeline.DeviceResidentData). Variable-size tfds datasets
-(ImageNet) stream through the host, which decodes and crops: training examples are read by index
-(step_stream.StepStream), evaluation in one pass (tfds_source.host_pipeline). Either way a step's
-batch is a function of (seed, step), so a resumed run sees exactly the batches it would have.
+(ImageNet, a folder prepared by `simclr_jax.prepare`) stream through the host, which decodes and
+crops: training examples are read by index (step_stream.StepStream), evaluation in one pass
+(step_stream.eval_batches). Either way a step's batch is a function of (seed, step), so a resumed
+run sees exactly the batches it would have.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax.data import augment, catalog, sources, streaming
+from simclr_jax.data import augment, catalog, sources, splits, streaming, tfds_source
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data.arrays import ImageArrays
+from simclr_jax.data.step_stream import StepStream, eval_batches
 
 Batch = dict[str, jax.Array]
 
@@ -44,7 +46,7 @@ class StageData:
 def pretraining_data(config: ml_collections.ConfigDict, mesh: Any) -> StageData:
     """Pretraining: the labelled train split (the online probe reads its labels)."""
     if streaming.is_streamed(config.dataset):
-        return _streamed(config, mesh, num_crops=2, channels=None)
+        return _streamed(config, mesh, num_crops=2, channels=None, needs_labels=None)
     train = sources.load_split(config.dataset, config.dataset.train_split)
     if train.labels is None:
         raise ValueError("pretraining with the online probe needs a labeled train split")
@@ -56,13 +58,8 @@ def labeled_data(
 ) -> StageData:
     """Fine-tuning: the label_fraction subset; `channels` (a checkpoint's) converts the images."""
     if streaming.is_streamed(config.dataset):
-        if config.label_fraction < 1.0:
-            raise ValueError(
-                f"label_fraction={config.label_fraction} needs an in-memory dataset; for "
-                "ImageNet use dataset.name='imagenet2012_subset/1pct' (or /10pct) with "
-                "label_fraction=1.0"
-            )
-        return _streamed(config, mesh, num_crops=1, channels=channels)
+        _refuse_label_fraction(config)
+        return _streamed(config, mesh, num_crops=1, channels=channels, needs_labels="fine-tuning")
     train = sources.load_split(config.dataset, config.dataset.train_split)
     train = labeled_subset(train, config.label_fraction, config.label_seed)
     return _resident(config, mesh, match_channels(train, channels), channels)
@@ -78,6 +75,8 @@ def distillation_data(
     `channels` (the teacher's) converts the images, as for fine-tuning: an RGB teacher (an
     official model) labels grayscale data, and the student reads the same images.
     """
+    if streaming.is_streamed(config.dataset):
+        return _streamed_distillation(config, mesh, num_classes, channels)
     train = match_channels(sources.load_split(config.dataset, config.dataset.train_split), channels)
     labeled = None
     if train.labels is not None and (config.alpha > 0 or config.evals.knn.k > 0):
@@ -121,11 +120,13 @@ def planned_data(
     if found.streamed:  # converted only in memory: a mismatch is the real loader's error
         crops = 2 if stage == "pretrain" else 1
         shapes = _streamed_batch_shapes(config.batch_size, crops, dataset.image_size, have_channels)
+        image_shape = (dataset.image_size, dataset.image_size, have_channels)
     else:
         have_channels = channels or have_channels
-        shapes = _resident_batch_shapes(config.batch_size, (height, width, have_channels))
-        if stage == "distill":
-            shapes = _distillation_batch_shapes(config, (height, width, have_channels))
+        image_shape = (height, width, have_channels)
+        shapes = _resident_batch_shapes(config.batch_size, image_shape)
+    if stage == "distill":
+        shapes = _distillation_batch_shapes(config, image_shape)
     return StageData(
         num_examples=num_examples,
         num_classes=found.num_classes,
@@ -236,17 +237,39 @@ def _resident(
     )
 
 
+def _refuse_label_fraction(config: ml_collections.ConfigDict) -> None:
+    if config.label_fraction < 1.0:
+        raise ValueError(
+            f"label_fraction={config.label_fraction} needs an in-memory dataset; a streamed one "
+            "takes a slice of its split instead: dataset.train_split='train[:10%]' (a prepared "
+            "folder's train split is in a fixed random order, so a slice is a random subset; for "
+            "ImageNet use dataset.name='imagenet2012_subset/10pct'), with label_fraction=1.0"
+        )
+
+
+def _check_streamed_split(dataset: ml_collections.ConfigDict, info, field: str) -> None:
+    """A split the dataset does not have: one line naming the field and the splits it has."""
+    base, _, _ = splits.parse_split(dataset[field])
+    have = sorted(info.splits.keys())
+    if have and base not in have:  # (tfds's mock data records no splits)
+        raise ValueError(
+            f"dataset.{field}={dataset[field]!r} is not a split of {dataset.name!r} (splits: "
+            f"{', '.join(have)}); set --config.dataset.{field}=NAME"
+        )
+
+
 def _streamed(
     config: ml_collections.ConfigDict,
     mesh: Any,
     *,
     num_crops: int,
     channels: int | None,
+    needs_labels: str | None,
 ) -> StageData:
-    """Variable-size tfds data: host-cropped batches, `num_crops` per image (2: one per view)."""
-    from simclr_jax.data import tfds_source
-    from simclr_jax.data.step_stream import StepStream
+    """Variable-size tfds data: host-cropped batches, `num_crops` per image (2: one per view).
 
+    `needs_labels` names the stage that cannot run without labels (None: pretraining, whose probe
+    then has nothing to learn). An eval split always needs them."""
     dataset = config.dataset
     info = tfds_source.dataset_info(dataset.name, data_dir=dataset.data_dir)
     have = info.features["image"].shape[-1] or 3
@@ -255,36 +278,74 @@ def _streamed(
             f"{dataset.name!r} has {have}-channel images but the config.init_checkpoint network "
             f"expects {channels}; channels are converted only for in-memory datasets"
         )
-    local = functools.partial(
-        tfds_source.host_pipeline,
-        dataset.name,
-        image_size=dataset.image_size,
-        data_dir=dataset.data_dir,
-    )
-    processes = jax.process_count()
-    train = StepStream(
-        dataset.name,
-        dataset.train_split,
-        global_batch=config.batch_size,
-        image_size=dataset.image_size,
-        seed=config.seed,
-        data_dir=dataset.data_dir,
-        num_crops=num_crops,
-        crop_min_area=config.augment.crop_min_area,
-    )
-
-    def eval_batches() -> Iterable[Batch]:
-        batches = local(
-            dataset.eval_split, local_batch=config.eval_batch_size // processes, train=False
+    classes = tfds_source.num_classes(info)
+    if not classes and needs_labels:
+        raise ValueError(
+            f"{needs_labels} needs labels, but {dataset.name!r} has none (prepared from a flat "
+            "folder): prepare a folder with one subfolder per class, train/<class>/..."
         )
+    if not classes and dataset.eval_split:
+        raise ValueError(
+            f"dataset.eval_split={dataset.eval_split!r}: {dataset.name!r} has no labels to "
+            "evaluate with; set --config.dataset.eval_split=''"
+        )
+    for field in ("train_split", "eval_split") if dataset.eval_split else ("train_split",):
+        _check_streamed_split(dataset, info, field)
+    train = _step_stream(config, config.batch_size, config.seed, num_crops)
+    processes = jax.process_count()
+
+    def eval_pass() -> Iterable[Batch]:
+        batches = eval_batches(
+            dataset.name, dataset.eval_split, local_batch=config.eval_batch_size // processes,
+            image_size=dataset.image_size, data_dir=dataset.data_dir,
+        )  # fmt: skip
         return (data_pipeline.to_global_batch(batch, mesh) for batch in batches)
 
     return StageData(
         num_examples=train.num_examples,  # the data source's length: known for every split
-        num_classes=int(info.features["label"].num_classes),
+        num_classes=classes,
         channels=have,
-        batch_for_step=lambda step: data_pipeline.to_global_batch(train.batch(step), mesh),
-        eval_batches=eval_batches if dataset.eval_split else None,
+        batch_for_step=functools.partial(_global_batch, train, mesh),
+        eval_batches=eval_pass if dataset.eval_split else None,
         precropped=True,
         batch_shapes=_streamed_batch_shapes(config.batch_size, num_crops, dataset.image_size, have),
+    )
+
+
+def _step_stream(
+    config: ml_collections.ConfigDict, global_batch: int, seed: int, num_crops: int
+) -> StepStream:
+    dataset = config.dataset
+    return StepStream(
+        dataset.name, dataset.train_split, global_batch=global_batch,
+        image_size=dataset.image_size, seed=seed, data_dir=dataset.data_dir,
+        num_crops=num_crops, crop_min_area=config.augment.crop_min_area,
+    )  # fmt: skip
+
+
+def _global_batch(stream: StepStream, mesh: Any, step: int) -> Batch:
+    return data_pipeline.to_global_batch(stream.batch(step), mesh)
+
+
+def _streamed_distillation(
+    config: ml_collections.ConfigDict, mesh: Any, num_classes: int, channels: int | None
+) -> StageData:
+    """Distillation's streamed data: the unlabelled pool (labels dropped), and with alpha > 0 a
+    second stream of labelled batches (labeled_batch_size, its own order: seed + 1)."""
+    _refuse_label_fraction(config)
+    needs = "distillation with alpha > 0" if config.alpha > 0 else None
+    pool = _streamed(config, mesh, num_crops=1, channels=channels, needs_labels=needs)
+    if pool.num_classes and pool.num_classes != num_classes:
+        raise ValueError(
+            f"the teacher predicts {num_classes} classes but {config.dataset.name!r} has "
+            f"{pool.num_classes}"
+        )
+    extra = None
+    if config.alpha > 0:
+        labeled = _step_stream(config, config.labeled_batch_size, config.seed + 1, 1)
+        extra = functools.partial(_global_batch, labeled, mesh)
+    batch_for_step = functools.partial(_distillation_batch, pool.batch_for_step, extra)
+    shapes = _distillation_batch_shapes(config, pool.batch_shapes["image"].shape[1:])
+    return dataclasses.replace(
+        pool, num_classes=num_classes, batch_for_step=batch_for_step, batch_shapes=shapes
     )

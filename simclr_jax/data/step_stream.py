@@ -1,26 +1,29 @@
-"""Streamed training batches addressed by step: the order is a pure function of (seed, step).
+"""Streamed batches read by index from tfds's random-access data source (ArrayRecord files).
 
-A tf.data stream with a shuffle buffer cannot be resumed: after an interruption it starts over in
-another order, so a resumed run trains on other data than an uninterrupted one. Here the examples
-are read by index from tfds's random-access data source (`builder.as_data_source`, ArrayRecord
-files): step s of epoch e takes positions [s * B, (s + 1) * B) of the permutation fixed by
-(seed, e), the same permutation the device-resident path uses (pipeline.epoch_permutation). Each
-process reads only its own rows of the global batch, so the global batch does not depend on the
-process count, and the random crops are seeded by (seed, global position) for the same reason.
+Training batches are addressed by step: a tf.data stream with a shuffle buffer cannot be resumed
+(after an interruption it starts over in another order, so a resumed run trains on other data than
+an uninterrupted one). Here step s of epoch e takes positions [s * B, (s + 1) * B) of the
+permutation fixed by (seed, e), the same permutation the device-resident path uses
+(pipeline.epoch_permutation). Each process reads only its own rows of the global batch, so the
+global batch does not depend on the process count, and the random crops are seeded by (seed, global
+position) for the same reason. Evaluation reads a split once, in order, each process its own
+contiguous share, padded so that every process yields the same number of batches.
 
-Decoding and cropping still run in tf.data (parallel, deterministic), a few steps ahead of the
-trainer. `batch(step)` serves consecutive steps from that stream and restarts it at any other step.
-Streams still open when Python exits are closed first (atexit): a tf.data thread caught inside
-the reading function during interpreter shutdown would hang the process.
+Decoding and cropping run in tf.data (parallel, deterministic), a few steps ahead of the trainer.
+`batch(step)` serves consecutive steps from that stream and restarts it at any other step. Streams
+still open when Python exits are closed first (atexit): a tf.data thread caught inside the reading
+function during interpreter shutdown would hang the process.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import math
 import weakref
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
 from simclr_jax.data import tfds_source
@@ -36,34 +39,10 @@ def _close_open_streams() -> None:
         stream.close()
 
 
-def open_data_source(name: str, split: str, *, data_dir: str = ""):
-    """(random-access data source with undecoded images, DatasetInfo); a clear error if none."""
-    _, tfds = tfds_source._import_tfds()
-    builder = tfds_source._builder(name, data_dir)
-    decoders = {"image": tfds.decode.SkipDecoding()}
-    try:
-        source = builder.as_data_source(split=split, decoders=decoders)
-    except NotImplementedError:
-        raise ValueError(
-            f"streamed training reads {name!r} by index (so a resumed run sees the batches an "
-            f"uninterrupted one would), which needs ArrayRecord files, but {builder.data_dir} "
-            f"holds {builder.info.file_format}: convert it once with `tfds convert_format "
-            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record` (or "
-            f"build it with `tfds build {name} --file_format=array_record`)"
-        ) from None
-    except (AssertionError, FileNotFoundError, ValueError) as error:
-        raise FileNotFoundError(
-            f"tfds dataset {name!r} split {split!r} is not prepared in {builder.data_dir}: run "
-            f"`tfds build {name} --file_format=array_record` ({' '.join(str(error).split())})"
-        ) from None
-    return source, builder.info
-
-
-def _read(source, keys: list[int]) -> list[dict]:
-    try:
-        return source.__getitems__(keys)  # batched reads where the source has them
-    except TypeError:  # tfds's mock data source reads one key at a time
-        return [source[key] for key in keys]
+def _opened(ds, tfds) -> Iterator:
+    stream = iter(tfds.as_numpy(ds))
+    _OPEN.add(stream)
+    return stream
 
 
 class StepStream:
@@ -90,8 +69,6 @@ class StepStream:
         process_count: int | None = None,
         prefetch: int = 2,
     ):
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         if num_crops < 1:
@@ -101,7 +78,7 @@ class StepStream:
                 f"batch_size={global_batch} must be a positive multiple of the process count "
                 f"({process_count})"
             )
-        self._source, info = open_data_source(name, split, data_dir=data_dir)
+        self._source, info = tfds_source.open_data_source(name, split, data_dir=data_dir)
         self.num_examples = len(self._source)
         if global_batch > self.num_examples:
             raise ValueError(
@@ -147,11 +124,11 @@ class StepStream:
 
     def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches of steps start_step, start_step + 1, ... (decoded a few steps ahead)."""
-        tf, tfds = tfds_source._import_tfds()
+        tf, tfds = tfds_source.import_tfds()
 
         def fetch(step):
             step = int(step)
-            records = _read(self._source, [int(i) for i in self.indices(step)])
+            records = tfds_source.read_records(self._source, [int(i) for i in self.indices(step)])
             images = np.array([record["image"] for record in records], dtype=object)
             labels = np.array(
                 [int(record["label"]) if self.has_label else -1 for record in records], np.int32
@@ -168,7 +145,7 @@ class StepStream:
             return images, labels, positions
 
         def prepare(encoded, label, position):
-            image = tfds_source._decode(tf, encoded, self.channels)
+            image = tfds_source.decode(tf, encoded, self.channels)
             key = tf.stack([tf.constant(self.seed, tf.int64), position])
             seeds = tf.random.experimental.stateless_split(key, self.num_crops)
             crops = [
@@ -184,6 +161,80 @@ class StepStream:
         ds = ds.map(load, num_parallel_calls=1, deterministic=True)  # reads in order
         ds = ds.unbatch().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(self.local_batch, drop_remainder=True).prefetch(self.prefetch)
-        stream = iter(tfds.as_numpy(ds))
-        _OPEN.add(stream)
-        return stream
+        return _opened(ds, tfds)
+
+
+def eval_batches(
+    name: str,
+    split: str,
+    *,
+    local_batch: int,
+    image_size: int,
+    data_dir: str = "",
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over `split` in order: this process's batches of evaluation crops.
+
+    {'image': uint8 [b, S, S, C] (tfds_source.eval_crop_uint8), 'label': int32 [b] (-1 without
+    labels), 'mask': float32 [b] (1 real, 0 padding)}, b = local_batch. Process p reads the p-th
+    of process_count contiguous shares of the split; every process yields the same number of
+    batches (all-padding ones if its share is shorter), so collectives match.
+    """
+    tf, tfds = tfds_source.import_tfds()
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    source, info = tfds_source.open_data_source(name, split, data_dir=data_dir)
+    share = np.array_split(np.arange(len(source)), process_count)[process_index]
+    channels = info.features["image"].shape[-1] or 3
+    has_label = "label" in info.features
+
+    def fetch(batch):
+        keys = [int(i) for i in share[int(batch) * local_batch : (int(batch) + 1) * local_batch]]
+        records = tfds_source.read_records(source, keys)
+        images = np.array([record["image"] for record in records], dtype=object)
+        labels = [int(record["label"]) if has_label else -1 for record in records]
+        return images, np.array(labels, np.int32)
+
+    def load(batch):
+        images, labels = tf.numpy_function(fetch, [batch], (tf.string, tf.int32), stateful=False)
+        images.set_shape([None])
+        labels.set_shape([None])
+        return images, labels
+
+    def prepare(encoded, label):
+        image = tfds_source.eval_crop_uint8(
+            tf, tfds_source.decode(tf, encoded, channels), image_size
+        )
+        return {"image": image, "label": label}
+
+    ds = tf.data.Dataset.range(math.ceil(len(share) / local_batch))
+    ds = ds.map(load, num_parallel_calls=1, deterministic=True).unbatch()
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = _opened(ds.batch(local_batch).prefetch(2), tfds)
+    num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
+    empty = {
+        "image": np.zeros((local_batch, image_size, image_size, channels), np.uint8),
+        "label": np.zeros((local_batch,), np.int32),
+    }
+    return _padded(batches, local_batch, num_batches, empty)
+
+
+def _padded(batches, local_batch: int, num_batches: int, empty: dict[str, np.ndarray]):
+    yielded = 0
+    for batch in batches:
+        real = batch["image"].shape[0]
+        out = {k: _pad_rows(v, local_batch) for k, v in batch.items()}
+        out["mask"] = (np.arange(local_batch) < real).astype(np.float32)
+        yield out
+        yielded += 1
+    while yielded < num_batches:
+        yield {**empty, "mask": np.zeros(local_batch, np.float32)}
+        yielded += 1
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    if x.shape[0] == rows:
+        return x
+    pad = np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)
+    return np.concatenate([x, pad])

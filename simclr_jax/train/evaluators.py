@@ -182,7 +182,10 @@ def _build(name, fields, config, dp, model, data, teacher):
     if name == "teacher":
         if teacher is None:
             return None, "no teacher in this stage"
-        exact = ExactEvaluator(dp, teacher.model, size, data.eval_batches, prefix=_PREFIX[name])
+        exact = ExactEvaluator(
+            dp, teacher.model, size, data.eval_batches, precropped=data.precropped,
+            prefix=_PREFIX[name],
+        )  # fmt: skip
         return _once(exact, teacher.variables), None
     if fields.k <= 0:
         return None, "evals.knn.k is 0"

@@ -65,7 +65,7 @@ def fine_tune_subset(c, subset: str, epochs: float) -> None:
 
 
 def from_scratch(c) -> None:
-    c.init_checkpoint = ""
+    c.init_checkpoint = "none"  # random initialisation, said explicitly
     c.model.depth = 50
     c.model.width_multiplier = 1
     c.model.sk_ratio = 0.0

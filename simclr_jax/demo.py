@@ -300,7 +300,9 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file(
         "config",
         f"{pretrain_fashion_mnist.__file__}:demo",
-        "Pretraining config of the demo.",
+        cli.config_help(
+            "Pretraining config of the demo (default: pretrain_fashion_mnist:demo)", "pretrain"
+        ),  # fmt: skip
         lock_config=True,
     )
     flags.DEFINE_string("workdir", "demo_out", "Each stage's workdir goes under this folder.")

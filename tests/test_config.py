@@ -256,7 +256,7 @@ def test_composed_arguments_follow_the_documented_rules():
     assert (five.model.ft_proj_selector, five.optim.name) == (1, "lars")
     # At the demo size, about 600 steps at any fraction: batch 256 from 10% of the labels.
     half = ft.get_config("recipe=supervised,fraction=0.5,size=demo")
-    assert (half.label_fraction, half.batch_size, half.init_checkpoint) == (0.5, 256, "")
+    assert (half.label_fraction, half.batch_size, half.init_checkpoint) == (0.5, 256, "none")
     assert round(half.num_epochs * 30_000 / 256) == 600
     # The demo pretraining's network, from scratch.
     assert (half.model.backbone, half.model.base_width) == ("convnet", 32)

@@ -29,11 +29,13 @@ Logs: libraries the user did not ask for stay quiet. Before TensorFlow or matplo
 (both only ever lazily, after this module), TF's C++ INFO lines (CPU feature banner) and its oneDNN
 notice are switched off by their environment variables, unless already set (oneDNN's switch
 changes no byte of what our TF code computes: decode, crops, bicubic resizes; checked), and
-matplotlib's one-off "building the font cache" line is dropped. Orbax writes about 40 INFO lines
-per checkpoint about its own machinery, and JAX one about
-the TPU backend it did not find; unless --verbosity >= 1 these are dropped. Their warnings and
-errors, and every other line, stay. Orbax logs through absl's one logger, so there is no orbax
-logger to give a level: a filter on that logger drops its records by their source file.
+matplotlib's one-off "building the font cache" line is dropped. (TF_ENABLE_ONEDNN_OPTS does not
+reach JAX: the demo's training and features are bit for bit the same with it on or off.) Orbax
+writes about 40 INFO lines per checkpoint about its own machinery, optax one per schedule without
+warmup, and JAX one about the TPU backend it did not find; unless --verbosity >= 1 these are
+dropped. Their warnings and errors, and every other line, stay. Orbax and optax log through absl's
+one logger, so there is no orbax logger to give a level: a filter on that logger drops their
+records by their source file.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
     def guarded(argv: list[str]) -> Any:
         if not _verbose():
-            logging.getLogger("absl").addFilter(_drop_orbax_info)
+            logging.getLogger("absl").addFilter(_drop_library_notices)
             # "Unable to initialize backend 'tpu'" on every machine without one (INFO).
             logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
         try:
@@ -280,10 +282,16 @@ def _root_cause(error: BaseException) -> BaseException:
 
 # Orbax warnings that only describe what was asked for (reading a workdir read-only).
 _ORBAX_NOTICES = ("Given directory is read only",)
+# optax's INFO line about a schedule with no warmup (building it otherwise changes the compiled
+# learning rate in the last bits, and with it the README's numbers).
+_OPTAX_NOTICES = ("schedule was set with a non-positive",)
 
 
-def _drop_orbax_info(record: logging.LogRecord) -> bool:
-    """Keep a log record unless it is orbax's, below WARNING or one of its notices."""
+def _drop_library_notices(record: logging.LogRecord) -> bool:
+    """Keep a log record unless it is orbax's, below WARNING or one of its notices, or one of
+    optax's INFO notices."""
+    if f"{os.sep}optax{os.sep}" in record.pathname and record.levelno < logging.WARNING:
+        return not any(text in str(record.msg) for text in _OPTAX_NOTICES)
     if _ORBAX not in record.pathname:
         return True
     if record.levelno >= logging.ERROR:
@@ -301,7 +309,9 @@ def _verbose() -> bool:
 
 def _program() -> str:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return spec.name if spec is not None else os.path.basename(sys.argv[0])
+    if spec is None:
+        return os.path.basename(sys.argv[0])
+    return spec.name.removesuffix(".__main__")  # python -m simclr_jax.theory
 
 
 def _fail(message: str) -> None:

@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 from simclr_jax import cli, parallel
 from simclr_jax.configs import pretrain_fashion_mnist
+from simclr_jax.train.task_progress import TaskProgress
 
 FLAGS = flags.FLAGS
 FEW = 0.01  # the few-label setting of the table: 1% of the training labels (600)
@@ -87,10 +88,13 @@ def embed(workdir: str, images, batch: int = 2000):
     from simclr_jax.saved_run import load_encoder
 
     apply_fn, variables = load_encoder(workdir)
-    chunks = [
-        np.asarray(apply_fn(variables, jnp.asarray(images[i : i + batch]))["features"])
-        for i in range(0, len(images), batch)
-    ]
+    progress = TaskProgress(f"Embedding {len(images)} images", len(images), unit=" images")
+    chunks = []
+    for i in range(0, len(images), batch):
+        chunks.append(
+            np.asarray(apply_fn(variables, jnp.asarray(images[i : i + batch]))["features"])
+        )
+        progress.advance(len(chunks[-1]))
     return np.concatenate(chunks)
 
 

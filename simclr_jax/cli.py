@@ -137,7 +137,8 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 def run_stage(train_and_evaluate: Callable[..., dict[str, Any]], what: str) -> None:
     """Define the common flags, join a multi-process job if one is described, run, print results."""
-    stage = train_and_evaluate.__module__.rpartition(".")[2]  # simclr_jax.<stage>
+    module = train_and_evaluate.__module__  # simclr_jax.<stage>, or __main__ when run with -m
+    stage = (_program() if module == "__main__" else module).rpartition(".")[2]
     config_flags.DEFINE_config_file(
         "config", None, config_help(f"{what} config", stage), lock_config=True
     )

@@ -47,7 +47,9 @@ SUMMARY_KEYS = (
 INSTALL_HINT = (
     "the Fashion-MNIST files are not installed (Debian's dataset-fashion-mnist, under "
     "/usr/share/datasets/fashion-mnist): run `make data`, or `sudo apt-get install "
-    "dataset-fashion-mnist`"
+    "dataset-fashion-mnist`, or put the four files (train-images-idx3-ubyte.gz, "
+    "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a "
+    "folder and add --config.dataset.data_dir=FOLDER"
 )
 
 

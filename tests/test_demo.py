@@ -88,6 +88,7 @@ def test_missing_data_files_fail_fast_with_the_install_command(tmp_path):
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert "dataset-fashion-mnist" in last_line and "make data" in last_line
+    assert "--config.dataset.data_dir=FOLDER" in last_line  # the way without apt
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "pretrain").exists()
 

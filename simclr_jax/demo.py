@@ -29,6 +29,7 @@ import os
 import time
 from typing import Any
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -302,7 +303,11 @@ def print_table(summary, pretrained, few, student, dims: int, counts, test_count
 
 
 if __name__ == "__main__":
-    parallel.use_cpu_devices()  # before JAX starts: one device per core
+    # A CPU demo: no probing for accelerator plugins (a GPU or TPU build of jaxlib prints its
+    # search) unless JAX_PLATFORMS says otherwise; then one device per core, before JAX starts.
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    parallel.use_cpu_devices()
     config_flags.DEFINE_config_file(
         "config",
         f"{pretrain_fashion_mnist.__file__}:demo",

@@ -164,6 +164,14 @@ def test_progress_shows_the_intervals_metrics_in_its_one_line(caplog):
         "step 7/10 (70.0%): loss=0.5, nonfinite=1; 1.00 steps/s, elapsed 12s, ETA 3s",
     ]
     assert [step for step, _ in writer.records] == [5, 7]  # the rates; the loop writes metrics
+    # A slow first step (compilation) that is not a reporting step is said once, without an ETA.
+    caplog.clear()
+    progress = metrics.Progress(10, writer=writer, every_steps=5, first_step=0)
+    assert not progress(1, now=time.monotonic() + 30.0)
+    assert not progress(2, now=time.monotonic() + 31.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "step 1/10: the first step (it compiles) took 30s"
+    ]
 
 
 def test_task_progress_reports_at_most_every_interval_with_an_eta(caplog):

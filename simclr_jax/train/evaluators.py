@@ -20,6 +20,7 @@ from simclr_jax.data import augment
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.train import scoring
+from simclr_jax.train.task_progress import TaskProgress
 
 Evaluator = Callable[[Any], dict[str, float]]
 
@@ -119,9 +120,11 @@ class KnnMonitor:
         """float32 [N, D] features of every image of `arrays`, on the host (every process)."""
         chunks = []
         batches = data_pipeline.eval_batches(arrays, global_batch=self._batch_size, mesh=self._mesh)
-        for batch in batches:
+        progress = TaskProgress(f"kNN monitor, features of {len(arrays)} images", len(arrays))
+        for index, batch in enumerate(batches):
             features = self._features(variables, batch["image"])
             chunks.append(multihost_utils.process_allgather(features, tiled=True))
+            progress.advance(min(self._batch_size, len(arrays) - index * self._batch_size))
         # Only the last batch is padded, so the first N rows are the real examples.
         return np.concatenate(chunks)[: len(arrays)]
 

@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+SLOW_FIRST_STEP_S = 10.0  # Progress says when the first step (compilation) took this long
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 
@@ -242,7 +243,12 @@ class Progress:
         if (not due and not compiling) or step <= self._last_step:
             return False
         now = time.monotonic() if now is None else now
-        if not due:  # the compiling step: only start the clock
+        if not due:  # the compiling step: only start the clock (and say so if it was slow)
+            if now - self._start_time >= SLOW_FIRST_STEP_S:
+                logging.info(
+                    "step %d/%d: the first step (it compiles) took %s",
+                    step, self.total_steps, format_seconds(now - self._start_time),
+                )  # fmt: skip
             self._last_step, self._last_time = step, now
             return False
         steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)

@@ -349,7 +349,7 @@ def test_every_config_file_loads_through_config_flags_from_the_command_line():
 
 def readme_config_commands() -> list[list[str]]:
     """The --config and --config.* arguments of each command in the README's code blocks."""
-    readme = (CONFIGS.parent / "README.md").read_text()
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = "\n".join(readme.split("```")[1::2]).replace("\\\n", " ")
     commands = []
     for line in blocks.splitlines():

@@ -134,7 +134,7 @@ def fit_with_validation(
     splits = validation_folds(labels, folds=folds, seed=seed)[:max_folds]
     progress = TaskProgress(
         f"Linear fit on {x.shape[0]} examples x {x.shape[1]} features ({len(l2_grid)} penalties "
-        f"x {len(splits)} held-out folds, then the refit)",
+        f"x {len(splits)} held-out fold{'s' * (len(splits) > 1)}, then the refit)",
         len(l2_grid) * len(splits) + 1,
         unit=" fits",
     )

@@ -75,11 +75,23 @@ def load_splits(config) -> Splits:
     return Splits(train.images, train.labels, test.images, test.labels)
 
 
-def run_stage(name: str, train_and_evaluate, config, workdir: str) -> tuple[dict[str, Any], float]:
-    """Run (or resume, or find finished) a stage: its results and the minutes this call took."""
+def run_stage(
+    name: str, train_and_evaluate, config, workdir: str, *, accept_config_changes=None
+) -> tuple[dict[str, Any], float]:
+    """Run (or resume, or find finished) a stage: its results and the minutes this call took.
+
+    A stage stopped by SIGTERM or Ctrl-C saves and returns: then the demo stops too (the next
+    stages would start from an unfinished one). accept_config_changes None: the flag's value."""
     start = time.time()
     logging.info("Demo stage: %s (%s)", name, workdir)
-    results = train_and_evaluate(config, workdir, accept_config_changes=FLAGS.accept_config_changes)
+    if accept_config_changes is None:
+        accept_config_changes = FLAGS.accept_config_changes
+    results = train_and_evaluate(config, workdir, accept_config_changes=accept_config_changes)
+    if "preempted_at_step" in results:
+        raise RuntimeError(
+            f"stopped during the {name} stage at step {results['preempted_at_step']}, with a "
+            "checkpoint: rerun the same command to go on from there"
+        )
     return results, (time.time() - start) / 60
 
 

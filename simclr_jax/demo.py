@@ -103,7 +103,7 @@ def embed(workdir: str, images, batch: int = 2000):
     from simclr_jax.saved_run import load_encoder
 
     apply_fn, variables = load_encoder(workdir)
-    progress = TaskProgress(f"Embedding {len(images)} images", len(images), unit=" images")
+    progress = TaskProgress("Features of the images", len(images), unit=" images")
     chunks = []
     for i in range(0, len(images), batch):
         chunks.append(

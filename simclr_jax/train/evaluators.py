@@ -120,7 +120,7 @@ class KnnMonitor:
         """float32 [N, D] features of every image of `arrays`, on the host (every process)."""
         chunks = []
         batches = data_pipeline.eval_batches(arrays, global_batch=self._batch_size, mesh=self._mesh)
-        progress = TaskProgress(f"kNN monitor, features of {len(arrays)} images", len(arrays))
+        progress = TaskProgress("kNN monitor, features", len(arrays), unit=" images")
         for index, batch in enumerate(batches):
             features = self._features(variables, batch["image"])
             chunks.append(multihost_utils.process_allgather(features, tiled=True))

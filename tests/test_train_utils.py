@@ -191,6 +191,15 @@ def test_task_progress_reports_at_most_every_interval_with_an_eta(caplog):
         now[0] += 1.0
         quick.advance()
     assert quick.lines == []  # under 10 s in all: silent
+    # The first item compiles: the ETA counts the items after it.
+    compiling = TaskProgress("Fitting", 5, unit=" fits", every_s=10.0, clock=lambda: now[0])
+    for seconds in (30.0, 2.0, 2.0, 2.0, 2.0):
+        now[0] += seconds
+        compiling.advance()
+    assert compiling.lines == [
+        "Fitting: 1/5 fits, elapsed 30s, ETA after the next (the first compiles)",
+        "Fitting: 5/5 fits in 38s",
+    ]
 
 
 def test_progress_after_resume_counts_from_first_step():

@@ -10,6 +10,8 @@ VERSION = re.search(
     r'^__version__ = "([^"]+)"', Path("simclr_jax/__init__.py").read_text(), re.M
 ).group(1)
 
+# Lower bounds only: no newer major version is known to break simclr_jax. The exact versions the
+# README's numbers were measured with are in constraints.txt (`make` installs with it).
 INSTALL_REQUIRES = [
     # jax 0.10.x is what pip resolves on Python 3.11; newer jax (0.11/0.12 on Python 3.12) is supported.
     "jax>=0.10",
@@ -26,7 +28,12 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # tf.data input for large datasets and clu's TensorBoard writer; optional so GPU boxes can stay TF-free.
-    "tfds": ["tensorflow-cpu>=2.18", "tensorflow-datasets>=4.9"],
+    # tensorflow-cpu has no macOS wheels (none for 2.21 on macOS arm64 or x86_64): there, tensorflow.
+    "tfds": [
+        "tensorflow-cpu>=2.18; sys_platform != 'darwin'",
+        "tensorflow>=2.18; sys_platform == 'darwin'",
+        "tensorflow-datasets>=4.9",
+    ],
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",

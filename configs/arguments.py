@@ -19,7 +19,6 @@ from typing import Any
 from ml_collections import config_dict
 
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
-_LISTED_PRESETS = 12  # error messages name this many presets at most
 
 
 class Arguments:
@@ -71,11 +70,7 @@ class Arguments:
     def usage(self) -> str:
         """'keys: ...; presets: ...' for error messages."""
         keys = ", ".join(f"{key}={self._allowed(key)}" for key in self.defaults)
-        names = list(self.presets)
-        presets = ", ".join(names[:_LISTED_PRESETS])
-        if len(names) > _LISTED_PRESETS:
-            presets += f", ... ({len(names)} in all, listed in the file's docstring)"
-        return f"keys: {keys}; presets: {presets or 'none'}"
+        return f"keys: {keys}; presets: {', '.join(self.presets) or 'none'}"
 
     def _allowed(self, key: str) -> str:
         if key in self.choices:

@@ -17,6 +17,14 @@ from simclr_jax.models.simclr import ARCHITECTURE_FIELDS, architecture_defaults
 ConfigDict = config_dict.ConfigDict
 
 
+def stage_of(config) -> str:
+    """'distill', 'finetune' or 'pretrain': the stage a config (or a run's saved one, a dict) is
+    for, from the fields only that stage's builder below has."""
+    if "teacher_checkpoint" in config:
+        return "distill"
+    return "finetune" if "init_checkpoint" in config else "pretrain"
+
+
 def dataset_config() -> ConfigDict:
     """Where images come from and what size the network sees."""
     c = ConfigDict()
@@ -217,7 +225,8 @@ def finetune_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0  # seeds the new classifier, the data order and the augmentation.
     # Pretraining workdir to start from: weights only (params, BN statistics), and its saved
-    # config gives the architecture. '' = random initialisation (the supervised baseline).
+    # config gives the architecture. Required: 'none' = random initialisation (the supervised
+    # recipes set it), '' = not given (fine-tuning stops with an error saying so).
     c.init_checkpoint = ""
     c.label_fraction = 1.0  # class-stratified fraction of the train split's labels, in (0, 1].
     c.label_seed = 0  # picks the labelled subset (the same on every host and for every seed).
@@ -251,7 +260,8 @@ def distill_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0  # seeds the student, the data order and the augmentation.
     c.teacher_checkpoint = ""  # the fine-tuned teacher's workdir (required).
-    # Pretraining workdir to initialise the student from (weights only); '' = random init.
+    # Pretraining workdir to initialise the student from (weights only); '' or 'none' = random
+    # initialisation.
     c.init_checkpoint = ""
     c.temperature = 1.0  # tau of both softmaxes in the distillation loss.
     # Weight of the labelled cross-entropy; 0 = pure distillation (no label is ever read). Note

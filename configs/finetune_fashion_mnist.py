@@ -18,7 +18,7 @@ Arguments (simclr_jax.configs.arguments), default recipe=linear_eval,fraction=1.
   recipe=semi         SimCLRv2 fine-tuning of every layer from the first head layer
                       (ft_proj_selector=1): LARS, lr 0.05 x sqrt(B) (the ImageNet recipe's 0.005
                       under-trains at these batch sizes), no weight decay, no warmup.
-  recipe=supervised   the network from scratch (no init_checkpoint), same labels and steps as
+  recipe=supervised   the network from scratch (init_checkpoint=none), same labels and steps as
                       semi: LARS lr 0.1 x sqrt(B), weight decay 1e-4, 1 epoch of warmup.
   fraction=F          class-stratified fraction of the training labels (0.01 = 600 labels).
   size=full           for a GPU, ResNet-18: linear_eval batch 512, 100 epochs; semi / supervised

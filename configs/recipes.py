@@ -57,7 +57,7 @@ def supervised(
     """The supervised baseline: `architecture` from scratch on the same labels for the same steps
     as semi_supervised(...) with these arguments; LARS, weight decay 1e-4, one warmup epoch."""
     semi_supervised(c, fraction=fraction, batch_size=batch_size, epochs=epochs, base_lr=base_lr)
-    c.init_checkpoint = ""
+    c.init_checkpoint = "none"  # random initialisation, said explicitly
     for name, value in architecture.items():
         c.model[name] = value
     c.model.ft_proj_selector = 0

@@ -16,25 +16,44 @@ An exception that a library raises (JAX, Flax, orbax, NumPy; a ValueError includ
 keeps its traceback, as does an exception our code raises without meaning to (a KeyError, a
 TypeError, a failed assert). `--verbosity=1` (or `-v 1`) shows the traceback of user errors too.
 
-Logs: orbax writes about 40 INFO lines per checkpoint about its own machinery, and JAX one about
-the TPU backend it did not find; unless --verbosity >= 1 these are dropped. Their warnings and
-errors, and every other line, stay. Orbax logs through absl's one logger, so there is no orbax
-logger to give a level: a filter on that logger drops its records by their source file.
+Configs: `--config` takes a config file's path (`configs/pretrain_imagenet.py:r50_1x_sk1` from a
+checkout) or, with no '/' and no such file in the current directory, the name of a config
+installed with the package (`pretrain_imagenet:r50_1x_sk1`, after a plain `pip install`):
+resolve_config does it, for every config-file flag of every command. A stage's `--help` lists the
+installed configs of that stage with their presets; a config file that does not exist is one line
+listing the installed ones.
+
+Results: a stage prints its results as a small table (results_table), not a Python dict.
+
+Logs: libraries the user did not ask for stay quiet. Before TensorFlow or matplotlib is imported
+(both only ever lazily, after this module), TF's C++ INFO lines (CPU feature banner) and its oneDNN
+notice are switched off by their environment variables, unless already set (oneDNN's switch
+changes no byte of what our TF code computes: decode, crops, bicubic resizes; checked), and
+matplotlib's one-off "building the font cache" line is dropped. (TF_ENABLE_ONEDNN_OPTS does not
+reach JAX: the demo's training and features are bit for bit the same with it on or off.) Orbax
+writes about 40 INFO lines per checkpoint about its own machinery, optax one per schedule without
+warmup, and JAX one about the TPU backend it did not find; unless --verbosity >= 1 these are
+dropped. Their warnings and errors, and every other line, stay. Orbax and optax log through absl's
+one logger, so there is no orbax logger to give a level: a filter on that logger drops their
+records by their source file.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pathlib
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from simclr_jax import distributed
+from simclr_jax import configs, distributed
+from simclr_jax.configs import base as config_base
 
 # The flags this module defines belong to the stage that calls it (its key flags, for --help).
 flags.disclaim_key_flags()
@@ -43,11 +62,86 @@ HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
 USER_ERRORS = (ValueError, RuntimeError, ImportError, OSError)  # when simclr_jax raises them
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _ORBAX = f"{os.sep}orbax{os.sep}"
+CONFIG_DIR = pathlib.Path(configs.__file__).parent  # configs/ of a checkout, or installed
+QUIET_ENVIRONMENT = {
+    "TF_CPP_MIN_LOG_LEVEL": "1",  # TF's C++ INFO lines: the CPU feature banner
+    "TF_ENABLE_ONEDNN_OPTS": "0",  # TF's oneDNN notice (our TF ops give the same bytes either way)
+}
+_MATPLOTLIB_NOTICES = ("building the font cache",)
+
+
+def quiet_library_banners() -> None:
+    """The switches of the module docstring's "Logs" (environment values already set are kept)."""
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    fonts = logging.getLogger("matplotlib.font_manager")
+    fonts.addFilter(lambda record: not any(n in str(record.msg) for n in _MATPLOTLIB_NOTICES))
+
+
+quiet_library_banners()  # now: entry points import matplotlib or TensorFlow only after this module
+
+
+def config_names() -> list[str]:
+    """The config files installed with simclr_jax (a checkout's configs/), by name."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if "def get_config(" in p.read_text())
+
+
+def resolve_config(value: str) -> str:
+    """A --config value, with an installed config named without a path made its file's path.
+
+    `pretrain_imagenet:r50_1x_sk1` (or `pretrain_imagenet.py:...`), when no such file is in the
+    current directory, becomes `<installed simclr_jax/configs>/pretrain_imagenet.py:r50_1x_sk1`;
+    an existing file's path is kept. A config file that does not exist is a ValueError of one
+    line that lists the installed configs.
+    """
+    path, colon, argument = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    name = path.removesuffix(".py")
+    if "/" not in path and os.sep not in path and name in config_names():
+        return f"{CONFIG_DIR / name}.py{colon}{argument}"
+    raise ValueError(
+        f"no config file {path!r}: give a config file's path, or an installed config by name "
+        f"({', '.join(config_names())}), e.g. pretrain_fashion_mnist:demo"
+    )
+
+
+def config_help(what: str, stage: str | None = None) -> str:
+    """A config flag's help: the forms it takes and the installed configs (those of `stage`:
+    'pretrain', 'finetune' or 'distill'), each with its presets."""
+    lines = [
+        f"{what}: a config file's path or an installed config's name, then ':' and its argument "
+        "(a preset, or key=value,...), e.g. configs/pretrain_fashion_mnist.py:demo (a checkout) "
+        "or pretrain_fashion_mnist:demo (anywhere). Installed configs and their presets:"
+    ]
+    for name in config_names():
+        module = importlib.import_module(f"{configs.__name__}.{name}")
+        if stage is not None and config_base.stage_of(module.get_config()) != stage:
+            continue
+        arguments = getattr(module, "ARGUMENTS", None)
+        presets = ", ".join(arguments.presets) if arguments and arguments.presets else "none"
+        lines.append(f"{name}: {presets}")
+    return "\n".join(lines)
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """A run's results as a two-column table (floats to 4 decimals), for the terminal."""
+    rows = [(name, f"{v:.4f}" if isinstance(v, float) else str(v)) for name, v in results.items()]
+    width = max([len("result")] + [len(name) for name, _ in rows])
+    value_width = max([len("value")] + [len(value) for _, value in rows])
+    lines = [f"| {'result':<{width}} | {'value':>{value_width}} |"]
+    lines.append(f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|")
+    lines += [f"| {name:<{width}} | {value:>{value_width}} |" for name, value in rows]
+    return "\n".join(lines)
 
 
 def run_stage(train_and_evaluate: Callable[..., dict[str, Any]], what: str) -> None:
     """Define the common flags, join a multi-process job if one is described, run, print results."""
-    config_flags.DEFINE_config_file("config", None, f"{what} config file.", lock_config=True)
+    module = train_and_evaluate.__module__  # simclr_jax.<stage>, or __main__ when run with -m
+    stage = (_program() if module == "__main__" else module).rpartition(".")[2]
+    config_flags.DEFINE_config_file(
+        "config", None, config_help(f"{what} config", stage), lock_config=True
+    )
     flags.declare_key_flag("config")  # defined by ml_collections; listed as this stage's
     flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
     flags.DEFINE_integer("stop_at_step", None, "End this run at this step (rerun to resume).")
@@ -71,7 +165,7 @@ def run_stage(train_and_evaluate: Callable[..., dict[str, Any]], what: str) -> N
             stop_at_step=values.stop_at_step,
             accept_config_changes=values.accept_config_changes,
         )
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
+        print(results_table(results))
 
     run(main)
 
@@ -81,7 +175,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
     def guarded(argv: list[str]) -> Any:
         if not _verbose():
-            logging.getLogger("absl").addFilter(_drop_orbax_info)
+            logging.getLogger("absl").addFilter(_drop_library_notices)
             # "Unable to initialize backend 'tpu'" on every machine without one (INFO).
             logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
         try:
@@ -95,7 +189,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, but help exits 0 and a rejected flag is one line (no traceback)."""
+    """absl's flag parsing, but help exits 0, a rejected flag is one line (no traceback), and
+    config files may be named (resolve_config)."""
+    try:
+        argv = resolve_config_flags(argv)
+    except ValueError as error:
+        _fail(f"{one_line(error)} (see --help)")
     try:
         return flags.FLAGS(list(argv))
     except SystemExit as stop:
@@ -107,6 +206,27 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         if _verbose() or not isinstance(root, ValueError | KeyError | OSError | flags.Error):
             raise  # a config file's own bug (a TypeError, a NameError, ...) keeps its traceback
         _fail(f"{_flag_message(error, root)} (see --help)")
+
+
+def resolve_config_flags(argv: Sequence[str]) -> list[str]:
+    """argv with the value of every config-file flag (--config=V or --config V) resolved."""
+    file_parser = config_flags.config_flags.ConfigFileFlagParser
+    names = {name for name in flags.FLAGS if isinstance(flags.FLAGS[name].parser, file_parser)}
+    argv = list(argv)
+    position = 1
+    while position < len(argv) and argv[position] != "--":
+        name, equals, value = argv[position].lstrip("-").partition("=")
+        if argv[position].startswith("-") and name in names:
+            try:
+                if equals:
+                    argv[position] = f"--{name}={resolve_config(value)}"
+                elif position + 1 < len(argv):
+                    position += 1
+                    argv[position] = resolve_config(argv[position])
+            except ValueError as error:
+                raise ValueError(f"--{name}: {error}") from None
+        position += 1
+    return argv
 
 
 def asks_for_help(args: Sequence[str]) -> bool:
@@ -163,10 +283,16 @@ def _root_cause(error: BaseException) -> BaseException:
 
 # Orbax warnings that only describe what was asked for (reading a workdir read-only).
 _ORBAX_NOTICES = ("Given directory is read only",)
+# optax's INFO line about a schedule with no warmup (building it otherwise changes the compiled
+# learning rate in the last bits, and with it the README's numbers).
+_OPTAX_NOTICES = ("schedule was set with a non-positive",)
 
 
-def _drop_orbax_info(record: logging.LogRecord) -> bool:
-    """Keep a log record unless it is orbax's, below WARNING or one of its notices."""
+def _drop_library_notices(record: logging.LogRecord) -> bool:
+    """Keep a log record unless it is orbax's, below WARNING or one of its notices, or one of
+    optax's INFO notices."""
+    if f"{os.sep}optax{os.sep}" in record.pathname and record.levelno < logging.WARNING:
+        return not any(text in str(record.msg) for text in _OPTAX_NOTICES)
     if _ORBAX not in record.pathname:
         return True
     if record.levelno >= logging.ERROR:
@@ -184,7 +310,9 @@ def _verbose() -> bool:
 
 def _program() -> str:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return spec.name if spec is not None else os.path.basename(sys.argv[0])
+    if spec is None:
+        return os.path.basename(sys.argv[0])
+    return spec.name.removesuffix(".__main__")  # python -m simclr_jax.theory
 
 
 def _fail(message: str) -> None:

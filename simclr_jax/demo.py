@@ -29,11 +29,13 @@ import os
 import time
 from typing import Any
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
 from simclr_jax import cli, parallel
 from simclr_jax.configs import pretrain_fashion_mnist
+from simclr_jax.train.task_progress import TaskProgress
 
 FLAGS = flags.FLAGS
 FEW = 0.01  # the few-label setting of the table: 1% of the training labels (600)
@@ -46,7 +48,9 @@ SUMMARY_KEYS = (
 INSTALL_HINT = (
     "the Fashion-MNIST files are not installed (Debian's dataset-fashion-mnist, under "
     "/usr/share/datasets/fashion-mnist): run `make data`, or `sudo apt-get install "
-    "dataset-fashion-mnist`"
+    "dataset-fashion-mnist`, or put the four files (train-images-idx3-ubyte.gz, "
+    "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a "
+    "folder and add --config.dataset.data_dir=FOLDER"
 )
 
 
@@ -71,11 +75,23 @@ def load_splits(config) -> Splits:
     return Splits(train.images, train.labels, test.images, test.labels)
 
 
-def run_stage(name: str, train_and_evaluate, config, workdir: str) -> tuple[dict[str, Any], float]:
-    """Run (or resume, or find finished) a stage: its results and the minutes this call took."""
+def run_stage(
+    name: str, train_and_evaluate, config, workdir: str, *, accept_config_changes=None
+) -> tuple[dict[str, Any], float]:
+    """Run (or resume, or find finished) a stage: its results and the minutes this call took.
+
+    A stage stopped by SIGTERM or Ctrl-C saves and returns: then the demo stops too (the next
+    stages would start from an unfinished one). accept_config_changes None: the flag's value."""
     start = time.time()
     logging.info("Demo stage: %s (%s)", name, workdir)
-    results = train_and_evaluate(config, workdir, accept_config_changes=FLAGS.accept_config_changes)
+    if accept_config_changes is None:
+        accept_config_changes = FLAGS.accept_config_changes
+    results = train_and_evaluate(config, workdir, accept_config_changes=accept_config_changes)
+    if "preempted_at_step" in results:
+        raise RuntimeError(
+            f"stopped during the {name} stage at step {results['preempted_at_step']}, with a "
+            "checkpoint: rerun the same command to go on from there"
+        )
     return results, (time.time() - start) / 60
 
 
@@ -87,10 +103,13 @@ def embed(workdir: str, images, batch: int = 2000):
     from simclr_jax.saved_run import load_encoder
 
     apply_fn, variables = load_encoder(workdir)
-    chunks = [
-        np.asarray(apply_fn(variables, jnp.asarray(images[i : i + batch]))["features"])
-        for i in range(0, len(images), batch)
-    ]
+    progress = TaskProgress("Features of the images", len(images), unit=" images")
+    chunks = []
+    for i in range(0, len(images), batch):
+        chunks.append(
+            np.asarray(apply_fn(variables, jnp.asarray(images[i : i + batch]))["features"])
+        )
+        progress.advance(len(chunks[-1]))
     return np.concatenate(chunks)
 
 
@@ -296,11 +315,17 @@ def print_table(summary, pretrained, few, student, dims: int, counts, test_count
 
 
 if __name__ == "__main__":
-    parallel.use_cpu_devices()  # before JAX starts: one device per core
+    # A CPU demo: no probing for accelerator plugins (a GPU or TPU build of jaxlib prints its
+    # search) unless JAX_PLATFORMS says otherwise; then one device per core, before JAX starts.
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    parallel.use_cpu_devices()
     config_flags.DEFINE_config_file(
         "config",
         f"{pretrain_fashion_mnist.__file__}:demo",
-        "Pretraining config of the demo.",
+        cli.config_help(
+            "Pretraining config of the demo (default: pretrain_fashion_mnist:demo)", "pretrain"
+        ),  # fmt: skip
         lock_config=True,
     )
     flags.DEFINE_string("workdir", "demo_out", "Each stage's workdir goes under this folder.")

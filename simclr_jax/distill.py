@@ -1,4 +1,4 @@
-"""Distillation (SimCLRv2's third step): a fine-tuned teacher labels unlabelled images for a student.
+r"""Distillation (SimCLRv2's third step): a fine-tuned teacher labels unlabelled images for a student.
 
     python -m simclr_jax.distill --config=configs/distill_fashion_mnist.py:demo \
         --workdir=/tmp/ds --config.teacher_checkpoint=/tmp/ft \
@@ -136,9 +136,9 @@ def train_and_evaluate(
     teacher_run = saved_run.read_teacher(
         config.teacher_checkpoint, field="config.teacher_checkpoint"
     )
-    init_run = None
-    if config.init_checkpoint:
-        init_run = saved_run.read_run(config.init_checkpoint, field="config.init_checkpoint")
+    init_run = saved_run.read_start(
+        config.init_checkpoint, field="config.init_checkpoint", required=False
+    )
     config = saved_run.resolve_model(config, "student.model", init_run or teacher_run)
     size = config.dataset.image_size
     validation.check_model(config.student.model, size)

@@ -16,12 +16,12 @@ another machine that sees the same workdir (a bucket), or on the training host's
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from simclr_jax import cli, optim, parallel, saved_run
 from simclr_jax.configs import base
@@ -78,14 +78,28 @@ def with_evals(config: ml_collections.ConfigDict, stage: str) -> ml_collections.
 
 
 def wait_for_run(workdir: str, *, poll_s: float, timeout_s: float | None) -> saved_run.SavedRun:
-    """The workdir's newest checkpoint, waiting for the first one (a run that just started)."""
-    start = time.monotonic()
+    """The workdir's newest checkpoint, waiting for the first one (a run that just started).
+
+    A workdir that does not exist is a mistake (a typo), not a run to wait for: it fails now."""
+    if not checkpoint.absolute_path(workdir).is_dir():
+        raise ValueError(
+            f"--workdir={workdir!r} does not exist: name the workdir of a training run "
+            "(started or finished)"
+        )
+    start, told = time.monotonic(), False
     while True:
         try:
             return saved_run.read_run(workdir, field="--workdir")
-        except ValueError:
+        except saved_run.NoCheckpointYetError:
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 raise
+        if not told:
+            told = True
+            limit = f"at most {timeout_s:g} s" if timeout_s is not None else "no time limit"
+            logging.info(
+                "Waiting for the first checkpoint in %s (looking every %g s, %s: --timeout_s)",
+                workdir, poll_s, limit,
+            )  # fmt: skip
         time.sleep(poll_s)
 
 
@@ -118,7 +132,7 @@ def main() -> None:
     from simclr_jax import distributed
 
     config_flags.DEFINE_config_file(
-        "config", None, "The run's config file (default: the one saved in the workdir).",
+        "config", None, cli.config_help("The run's config (default: the one saved in the workdir)"),
         lock_config=True,
     )  # fmt: skip
     flags.declare_key_flag("config")
@@ -144,7 +158,7 @@ def main() -> None:
             poll_s=values.poll_s,
             timeout_s=values.timeout_s or None,
         )
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
+        print(cli.results_table(results))
 
     cli.run(job)
 

@@ -1,16 +1,17 @@
-"""Fine-tuning, linear evaluation and the supervised baseline, from a pretraining workdir or scratch.
+r"""Fine-tuning, linear evaluation and the supervised baseline, from a pretraining workdir or scratch.
 
     python -m simclr_jax.finetune --config=configs/finetune_fashion_mnist.py:1pct \
         --workdir=/tmp/ft --config.init_checkpoint=/tmp/fm [--config.label_fraction=0.05 ...]
 
-The pretraining workdir is enough: its saved config gives the architecture (explicit
---config.model.* values win) and only its weights are read (params and BN statistics; not the step
-or the optimizer). The classifier is new, sized to this dataset's classes. Which layer feeds it
-(model.ft_proj_selector), which stages are frozen (model.fine_tune_after_block: 4 = linear
-evaluation) and how many labels are used (label_fraction) are this run's choices. With
-init_classifier_by_linear_fit the classifier starts at the logistic regression of its input
-features on the labelled examples (LP-FT: train/classifier_init.py). Rerunning the same command
-resumes from the newest checkpoint in --workdir.
+--config.init_checkpoint is required: a pretraining workdir, or `none` for random weights (the
+supervised recipes set it). The pretraining workdir is enough: its saved config gives the
+architecture (explicit --config.model.* values win) and only its weights are read (params and BN
+statistics; not the step or the optimizer). The classifier is new, sized to this dataset's classes.
+Which layer feeds it (model.ft_proj_selector), which stages are frozen
+(model.fine_tune_after_block: 4 = linear evaluation) and how many labels are used (label_fraction)
+are this run's choices. With init_classifier_by_linear_fit the classifier starts at the logistic
+regression of its input features on the labelled examples (LP-FT: train/classifier_init.py).
+Rerunning the same command resumes from the newest checkpoint in --workdir.
 
 Transfer: the checkpoint may come from another dataset (configs/transfer_digits.py):
 images are resized to dataset.image_size on the device, their channels converted to the
@@ -106,7 +107,7 @@ def make_stage(
 
     return runner.Stage(
         f"Fine-tuning on {data.num_examples} labelled examples from "
-        f"{config.init_checkpoint or 'scratch'}",
+        f"{config.init_checkpoint if run else 'random weights'}",
         initial_state,
         make_train_step(model, config, precropped=data.precropped),
         data.batch_for_step,
@@ -129,9 +130,9 @@ def train_and_evaluate(
     'eval_loss', 'eval_count' (the whole eval split), 'knn_top1' (when on), 'num_labeled', 'step'.
     """
     validation.validate_finetune(config)
-    run = None
-    if config.init_checkpoint:
-        run = saved_run.read_run(config.init_checkpoint, field="config.init_checkpoint")
+    run = saved_run.read_start(
+        config.init_checkpoint, field="config.init_checkpoint", required=True
+    )
     config = saved_run.resolve_model(config, "model", run)
     validation.check_model(config.model, config.dataset.image_size)
     dp = parallel.from_config(config)

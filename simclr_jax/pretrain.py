@@ -1,4 +1,4 @@
-"""Contrastive pretraining (SimCLR v1/v2) with an online linear probe.
+r"""Contrastive pretraining (SimCLR v1/v2) with an online linear probe.
 
     python -m simclr_jax.pretrain --config=configs/pretrain_fashion_mnist.py \
         --workdir=/tmp/fm [--config.batch_size=512 ...]

@@ -36,6 +36,10 @@ _CLASSIFIER_NORM = "batch_stats/classifier_norm/mean"  # the online probe's inpu
 _STEM_KERNEL = "params/backbone/stem/conv1/kernel"
 
 
+class NoCheckpointYetError(ValueError):
+    """The workdir holds no finished checkpoint (yet: a run that has just started has none)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SavedRun:
     """A workdir's newest checkpoint: its step, the config saved with it, its parameter shapes."""
@@ -48,7 +52,7 @@ class SavedRun:
     @property
     def stage(self) -> str:
         """'distill', 'finetune' or 'pretrain', from the fields its config has."""
-        return stage_of(self.config)
+        return base_config.stage_of(self.config)
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -78,13 +82,6 @@ class SavedRun:
         return self.shapes[path]
 
 
-def stage_of(config: Mapping[str, Any]) -> str:
-    """'distill', 'finetune' or 'pretrain': the trainer whose config has these fields."""
-    if "teacher_checkpoint" in config:
-        return "distill"
-    return "finetune" if "init_checkpoint" in config else "pretrain"
-
-
 def read_teacher(workdir: str, *, field: str) -> SavedRun:
     """read_run of a fine-tuning or distillation workdir: a pretraining one has no teacher (its
     classifier is the online probe)."""
@@ -98,6 +95,25 @@ def read_teacher(workdir: str, *, field: str) -> SavedRun:
     return run
 
 
+RANDOM_INIT = "none"  # the init_checkpoint that asks for random weights, explicitly
+
+
+def read_start(init_checkpoint: str, *, field: str, required: bool) -> SavedRun | None:
+    """The run a stage starts from: None for random weights ('none', or '' unless `required`).
+
+    Fine-tuning requires it: a linear evaluation of a network that was never loaded would report
+    a random network's accuracy under the pretrained one's name, without any error."""
+    if init_checkpoint == RANDOM_INIT or (not init_checkpoint and not required):
+        return None
+    if not init_checkpoint:
+        raise ValueError(
+            f"{field} is not set: name the pretraining workdir to start from "
+            f"(--{field}=DIR), or --{field}={RANDOM_INIT} to train from random weights "
+            "(as the supervised recipes do)"
+        )
+    return read_run(init_checkpoint, field=field)
+
+
 def read_run(workdir: str, *, field: str = "workdir") -> SavedRun:
     """The newest checkpoint of `workdir` (a trainer's workdir or its checkpoints folder).
 
@@ -109,12 +125,16 @@ def read_run(workdir: str, *, field: str = "workdir") -> SavedRun:
     if directory.name != "checkpoints":
         directory = directory / "checkpoints"
     if not directory.is_dir():
-        raise ValueError(f"{field}={workdir!r} holds no checkpoints (no {directory} folder)")
+        raise NoCheckpointYetError(
+            f"{field}={workdir!r} holds no checkpoints (no {directory} folder)"
+        )
     manager = checkpoint.read_only_manager(directory)
     try:
         step = manager.latest_step()
         if step is None:
-            raise ValueError(f"{field}={workdir!r}: {directory} holds no finished checkpoint")
+            raise NoCheckpointYetError(
+                f"{field}={workdir!r}: {directory} holds no finished checkpoint"
+            )
         metadata = manager.item_metadata(step)[checkpoint.STATE]
         shapes = checkpoint.flat_shapes(getattr(metadata, "tree", metadata))
         saved_config = None

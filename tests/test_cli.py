@@ -54,7 +54,7 @@ def test_helpfull_exits_0_and_lists_every_flag():
             [f"--config={TINY}", "--config.batch_sise=3"],
             "no such config field 'batch_sise'; Did you mean \"batch_size\"",
         ),
-        (["--config=no_such_config.py"], "No such file or directory: 'no_such_config.py'"),
+        (["--config=no_such_config.py"], "--config: no config file 'no_such_config.py'"),
         (
             [
                 f"--config={TINY}",
@@ -189,14 +189,20 @@ def test_orbax_internals_leave_the_log_unless_verbose(verbose, tmp_path):
     assert bool(orbax_info) == verbose, result.stderr[-3000:]
 
 
-def test_the_orbax_filter_keeps_warnings_and_other_libraries():
-    def record(path: str, level: int) -> logging.LogRecord:
-        return logging.LogRecord("absl", level, path, 1, "message", (), None)
+def test_the_library_filter_keeps_warnings_and_other_libraries():
+    def record(path: str, level: int, message: str = "message") -> logging.LogRecord:
+        return logging.LogRecord("absl", level, path, 1, message, (), None)
 
     orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
-    assert not cli._drop_orbax_info(record(orbax, logging.INFO))
-    assert cli._drop_orbax_info(record(orbax, logging.WARNING))
-    assert cli._drop_orbax_info(record("/work/simclr_jax/train/loop.py", logging.INFO))
+    assert not cli._drop_library_notices(record(orbax, logging.INFO))
+    assert cli._drop_library_notices(record(orbax, logging.WARNING))
+    assert cli._drop_library_notices(record("/work/simclr_jax/train/loop.py", logging.INFO))
+    # optax: only its INFO notice about a schedule without warmup.
+    optax = "/site-packages/optax/schedules/_schedule.py"
+    notice = "A polynomial schedule was set with a non-positive `transition_steps` value"
+    assert not cli._drop_library_notices(record(optax, logging.INFO, notice))
+    assert cli._drop_library_notices(record(optax, logging.WARNING, notice))
+    assert cli._drop_library_notices(record(optax, logging.INFO))
 
 
 def test_readme_names_the_students_fields():

@@ -261,7 +261,7 @@ def test_composed_arguments_follow_the_documented_rules():
     assert (five.model.ft_proj_selector, five.optim.name) == (1, "lars")
     # At the demo size, about 600 steps at any fraction: batch 256 from 10% of the labels.
     half = ft.get_config("recipe=supervised,fraction=0.5,size=demo")
-    assert (half.label_fraction, half.batch_size, half.init_checkpoint) == (0.5, 256, "")
+    assert (half.label_fraction, half.batch_size, half.init_checkpoint) == (0.5, 256, "none")
     assert round(half.num_epochs * 30_000 / 256) == 600
     # The demo pretraining's network, from scratch.
     assert (half.model.backbone, half.model.base_width) == ("convnet", 32)
@@ -354,7 +354,7 @@ def test_every_config_file_loads_through_config_flags_from_the_command_line():
 
 def readme_config_commands() -> list[list[str]]:
     """The --config and --config.* arguments of each command in the README's code blocks."""
-    readme = (CONFIGS.parent / "README.md").read_text()
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = "\n".join(readme.split("```")[1::2]).replace("\\\n", " ")
     commands = []
     for line in blocks.splitlines():

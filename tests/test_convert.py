@@ -1,5 +1,5 @@
 """The official SimCLR checkpoints (simclr_jax.convert) against the fixtures made with the official
-code (../shared/fixtures/official_checkpoints, see its README): every released layout maps onto our
+code (tests/fixtures/official_checkpoints, see its README): every released layout maps onto our
 models with nothing left over or missing; checkpoints built from two layouts and the fixtures'
 weight generator reproduce the official TF1 forward pass; a TF2 SavedModel gives the same weights;
 converted workdirs fine-tune, teach a distillation student and load with load_encoder."""
@@ -7,10 +7,7 @@ converted workdirs fine-tune, teach a distillation student and load with load_en
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import math
-import os
 import pathlib
 import re
 import subprocess
@@ -18,6 +15,7 @@ import sys
 
 import jax
 import numpy as np
+import official_weights
 import pytest
 
 import simclr_jax
@@ -26,12 +24,8 @@ from simclr_jax.configs import distill_fashion_mnist, finetune_fashion_mnist
 from simclr_jax.official import ConversionError, make_plan, parse, reader
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = pathlib.Path(
-    os.environ.get(
-        "SIMCLR_OFFICIAL_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official_checkpoints"
-    )
-)
-LAYOUTS = sorted((FIXTURES / "layouts").glob("*.json"))
+FIXTURES = official_weights.FIXTURES
+LAYOUTS = official_weights.layout_names()
 RTOL = 1e-4  # a correct mapping measures ~1e-6; the fixture README's wrong mappings >= 5e-3
 # Our output -> the official endpoint (fixture README, "Reference outputs").
 ENDPOINTS = {
@@ -49,16 +43,12 @@ KERAS_LAYER = re.compile(r"(?:sync_)?(conv2d|batch_normalization)(_\d+)?")
 
 @pytest.fixture(scope="session")
 def gen():
-    """The fixtures' weight and image generator (plain numpy), its random streams checked."""
-    spec = importlib.util.spec_from_file_location("official_generator", FIXTURES / "generator.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.check_stream()
-    return module
+    """The fixtures' weights and images (tests/official_weights.py), numpy's streams checked."""
+    official_weights.check_stream()
+    return official_weights
 
 
-def load_layout(name: str) -> dict:
-    return json.loads((FIXTURES / "layouts" / name).read_text())
+load_layout = official_weights.load_layout
 
 
 def save_checkpoint(prefix: pathlib.Path, tensors: dict[str, np.ndarray]) -> str:
@@ -92,28 +82,28 @@ def colab_count(layout: dict) -> float:
     return layout["counts"]["params_M_colab_count"]
 
 
-def by_architecture() -> dict[str, list[pathlib.Path]]:
-    """Layout files grouped by architecture (v1 apart), so a test traces each model once."""
-    groups: dict[str, list[pathlib.Path]] = {}
-    for path in LAYOUTS:
-        arch = json.loads(path.read_text())["arch"] + ("_v1" if "_v1_" in path.name else "")
-        groups.setdefault(arch, []).append(path)
+def by_architecture() -> dict[str, list[str]]:
+    """Layout names grouped by architecture (v1 apart), so a test traces each model once."""
+    groups: dict[str, list[str]] = {}
+    for name in LAYOUTS:
+        arch = load_layout(name)["arch"] + ("_v1" if "_v1_" in name else "")
+        groups.setdefault(arch, []).append(name)
     return groups
 
 
-@pytest.mark.parametrize("paths", list(by_architecture().values()), ids=list(by_architecture()))
-def test_every_layout_maps_onto_our_model(paths):
+@pytest.mark.parametrize("names", list(by_architecture().values()), ids=list(by_architecture()))
+def test_every_layout_maps_onto_our_model(names):
     """Every variable is read once or ignored for a stated reason, every model variable is filled,
     and the architecture is the layout's, down to the official parameter count. Shapes only:
     jax.eval_shape of our model, no array allocated (r152_3x_sk1 has 795M parameters)."""
-    for path in paths:
-        check_layout(path)
+    for name in names:
+        check_layout(name)
 
 
-def check_layout(path: pathlib.Path) -> None:
-    layout = json.loads(path.read_text())
+def check_layout(name: str) -> None:
+    layout = load_layout(name)
     shapes = {v["name"]: v["shape"] for v in layout["variables"]}
-    kind = "tf2" if path.name.startswith("tf2_") else "tf1"
+    kind = "tf2" if name.startswith("tf2_") else "tf1"
     live_before = sum(a.nbytes for a in jax.live_arrays())
     plan = make_plan(parse(shapes, kind))
     assert sum(a.nbytes for a in jax.live_arrays()) - live_before < 2**20
@@ -121,26 +111,26 @@ def check_layout(path: pathlib.Path) -> None:
     read = list(plan.sources.values())
     ignored = [key for key, _ in plan.parsed.ignored]
     assert len(set(read)) == len(read)
-    assert sorted(read + ignored) == sorted(shapes), path.name  # nothing left over
+    assert sorted(read + ignored) == sorted(shapes), name  # nothing left over
     if kind == "tf1":
         assert set(ignored) == {n for n in shapes if n.endswith("/Momentum") or n == "global_step"}
     else:
         assert ignored == ["_CHECKPOINTABLE_OBJECT_GRAPH"]
-    assert set(plan.sources) | set(plan.added) == set(plan.shapes), path.name  # nothing missing
+    assert set(plan.sources) | set(plan.added) == set(plan.shapes), name  # nothing missing
     has_classifier = any(n.startswith("head_supervised/") for n in shapes) or kind == "tf2"
     assert bool(plan.added) is not has_classifier  # a missing classifier is added (zeros)
 
     assert plan.name == layout["arch"]
     assert plan.model["sk_ratio"] == (0.0625 if layout["arch"].endswith("sk1") else 0.0)
     backbone = sum(math.prod(s) for p, s in plan.shapes.items() if p.split("/")[1] == "backbone")
-    assert round(backbone / 1e6, 3) == colab_count(layout), path.name
+    assert round(backbone / 1e6, 3) == colab_count(layout), name
     head = (plan.model["proj_head_mode"], plan.model["num_proj_layers"], plan.model["proj_out_dim"])
-    if "_v1_lineareval" in path.name:
+    if "_v1_lineareval" in name:
         assert head[0] == "none"
     else:
-        assert head == ("nonlinear", 2 if "_v1_" in path.name else 3, 128)
+        assert head == ("nonlinear", 2 if "_v1_" in name else 3, 128)
     assert plan.num_classes == 1000
-    finetuned = path.stem.endswith(("_finetune", "_lineareval"))
+    finetuned = name.endswith(("_finetune", "_lineareval"))
     assert convert.choose_stage(plan.parsed)[0] == ("finetune" if finetuned else "pretrain")
 
 

@@ -88,6 +88,7 @@ def test_missing_data_files_fail_fast_with_the_install_command(tmp_path):
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert "dataset-fashion-mnist" in last_line and "make data" in last_line
+    assert "--config.dataset.data_dir=FOLDER" in last_line  # the way without apt
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "pretrain").exists()
 
@@ -112,3 +113,22 @@ def test_every_stage_follows_the_pretraining_data_seed_and_tensorboard_switch():
         follow_pretraining(stage, pretraining)
         assert (stage.dataset.train_split, stage.dataset.eval_split) == ("train[:100]", "test[:50]")
         assert (stage.seed, stage.label_seed, stage.tensorboard) == (7, 7, False)
+
+
+def test_a_stopped_stage_stops_the_demo(tmp_path):
+    """SIGTERM or Ctrl-C ends a stage early with a checkpoint; the demo must not go on to the
+    next stage from it (nor report its numbers)."""
+    from simclr_jax import demo
+
+    def stopped(config, workdir, *, accept_config_changes):
+        return {"step": 7, "preempted_at_step": 7}
+
+    def finished(config, workdir, *, accept_config_changes):
+        return {"step": 9}
+
+    with pytest.raises(RuntimeError, match="stopped during the pretrain stage at step 7"):
+        demo.run_stage("pretrain", stopped, None, str(tmp_path), accept_config_changes=False)
+    results, minutes = demo.run_stage(
+        "pretrain", finished, None, str(tmp_path), accept_config_changes=False
+    )
+    assert results == {"step": 9} and minutes >= 0

@@ -306,7 +306,7 @@ def test_reference_values_and_same_budget_baselines():
     for field in ("label_fraction", "label_seed", "batch_size", "num_epochs", "num_steps"):
         assert demo[field] == scratch[field], field
     # The scratch arm trains the demo pretraining's network (the CPU-shaped convnet).
-    assert scratch.init_checkpoint == ""
+    assert scratch.init_checkpoint == "none"
     assert (scratch.model.backbone, scratch.model.depth, scratch.model.base_width) == (
         "convnet", 4, 32,
     )  # fmt: skip

@@ -629,6 +629,11 @@ def test_model_card_cli_json_matches_eval_shape_counts():
 
 
 def test_model_card_cli_rejects_bad_values():
-    from simclr_jax.models.__main__ import main
-
-    assert main(["--depth", "42", "--no_flops"]) == 2
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_jax.models", "--depth=42", "--no_flops"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "simclr_jax.models: error: model.depth must be one of [18, 34, 50, 101, 152, 200], got 42"
+    )

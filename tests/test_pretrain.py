@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,16 @@ def test_cli_runs_and_leaves_a_complete_workdir(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["step"] == 3
+    # One log line per logged interval (steps 2 and 3: metrics and rates together), no line of
+    # the metric writers', no TensorFlow banner (TF writes the events), results as a table.
+    lines = result.stderr.splitlines()
+    interval = [line for line in lines if re.search(r"\] step \d+/3 ", line)]
+    assert [re.search(r"step (\d)/3", line)[1] for line in interval] == ["2", "3"], interval
+    assert all("loss=" in line and "steps/s" in line for line in interval)
+    assert not [line for line in lines if re.search(r"\] \[\d+\] ", line)]
+    for banner in ("oneDNN custom operations", "cpu_feature_guard", "font cache"):
+        assert banner not in result.stderr
+    assert re.search(r"^\| eval_probe_top1 +\| +0\.\d{4} \|$", result.stdout, re.M), result.stdout
     # The tiny preset writes no TensorBoard files; turned on, the real clu writer does.
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
     assert 0.0 <= results["eval_probe_top1"] <= 1.0

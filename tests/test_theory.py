@@ -281,7 +281,7 @@ def test_boundary_fit_recovers_the_exponent():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("theory_smoke"))
-    results = cli.main(["--out", out, "--smoke"])
+    results = cli.run_experiment(cli.config_from_overrides({}, smoke=True), out)
     return out, results
 
 
@@ -328,10 +328,11 @@ def test_smoke_run_shows_the_separation(smoke):
     assert mean("last_test_error", method="supervised", snr=high, n=n) < 0.15
 
 
-def test_cli_rejects_bad_values(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["--out", "/tmp/unused", "--smoke", "--augmentation", "blur"])
-    assert "augmentation must be one of" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["--out", "/tmp/unused", "--smoke", "--q", "2"])
-    assert "q must be > 2" in capsys.readouterr().err
+def test_bad_values_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        cli.config_from_overrides({"augmentation": "blur"}, smoke=True)
+    with pytest.raises(ValueError, match="q must be > 2"):
+        cli.config_from_overrides({"q": 2.0}, smoke=True)
+    with pytest.raises(ValueError, match="--snr_grid takes float values"):
+        cli.config_from_overrides({"snr_grid": ["0.1", "high"]}, smoke=True)
+    assert cli.config_from_overrides({"snr_grid": ["0.1", "0.3"]}).snr_grid == (0.1, 0.3)

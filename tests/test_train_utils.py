@@ -20,6 +20,7 @@ import pytest
 
 from simclr_jax.train import metrics
 from simclr_jax.train.state import TrainState
+from simclr_jax.train.task_progress import TaskProgress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
@@ -147,6 +148,58 @@ def test_progress_reports_rates_and_eta(caplog):
     log = caplog.text
     assert "step 5/10 (50.0%): 0.50 steps/s, 2.0 images/s" in log
     assert "ETA 10s" in log and "elapsed 20s" in log
+
+
+def test_progress_shows_the_intervals_metrics_in_its_one_line(caplog):
+    caplog.set_level(logging.INFO, logger="absl")
+    writer = RecordingWriter()
+    start = time.monotonic()
+    progress = metrics.Progress(10, writer=writer, every_steps=5, first_step=0)
+    interval = {"loss": 1.234567, "nonfinite": 0.0, "train_top1": 0.5}
+    assert progress(5, now=start + 10.0, metrics=interval)
+    assert progress(7, now=start + 12.0, metrics={"loss": 0.5, "nonfinite": 1.0})  # a save step
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "step 5/10 (50.0%): loss=1.235, train_top1=0.5; 0.50 steps/s, elapsed 10s, ETA 10s",
+        "step 7/10 (70.0%): loss=0.5, nonfinite=1; 1.00 steps/s, elapsed 12s, ETA 3s",
+    ]
+    assert [step for step, _ in writer.records] == [5, 7]  # the rates; the loop writes metrics
+    # A slow first step (compilation) that is not a reporting step is said once, without an ETA.
+    caplog.clear()
+    progress = metrics.Progress(10, writer=writer, every_steps=5, first_step=0)
+    assert not progress(1, now=time.monotonic() + 30.0)
+    assert not progress(2, now=time.monotonic() + 31.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "step 1/10: the first step (it compiles) took 30s"
+    ]
+
+
+def test_task_progress_reports_at_most_every_interval_with_an_eta(caplog):
+    caplog.set_level(logging.INFO)
+    now = [0.0]
+    slow = TaskProgress("Fitting", 4, unit=" fits", every_s=10.0, clock=lambda: now[0])
+    for seconds in (6.0, 6.0, 6.0, 6.0):  # a report at 12 s (2 done), then the end at 24 s
+        now[0] += seconds
+        slow.advance()
+    assert slow.lines == [
+        "Fitting: 2/4 fits, elapsed 12s, ETA 12s",
+        "Fitting: 4/4 fits in 24s",
+    ]
+    assert [r.getMessage() for r in caplog.records] == slow.lines
+    quick = TaskProgress("Quick", 3, every_s=10.0, clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 1.0
+        quick.advance()
+    assert quick.lines == []  # under 10 s in all: silent
+    # The first item compiles: the ETA counts the items after it.
+    compiling = TaskProgress("Fitting", 5, unit=" fits", every_s=10.0, clock=lambda: now[0])
+    for seconds in (30.0, 2.0, 2.0, 2.0, 2.0):
+        now[0] += seconds
+        compiling.advance()
+    assert compiling.lines == [
+        "Fitting: 1/5 fits, elapsed 30s, ETA after the next (the first compiles)",
+        "Fitting: 5/5 fits in 38s",
+    ]
 
 
 def test_progress_after_resume_counts_from_first_step():

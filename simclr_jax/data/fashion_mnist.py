@@ -22,8 +22,9 @@ SPLIT_SIZES = {"train": 60000, "test": 10000}
 _IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 _MISSING_HINT = (
-    "install the local files with `apt-get install dataset-fashion-mnist` "
-    "or load them from tfds with `--config.dataset.source=tfds`"
+    "install the local files with `apt-get install dataset-fashion-mnist`, or put the four "
+    "files in a folder and set --config.dataset.data_dir=FOLDER (or, with tfds's fashion_mnist "
+    "prepared, --config.dataset.source=tfds)"
 )
 
 

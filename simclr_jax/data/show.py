@@ -74,7 +74,9 @@ def write_pairs(config, out_path: str, num: int = 8) -> str:
 def main() -> None:
     # Flags are defined here, not at import, so importing this module next to a trainer (which
     # defines its own --config) does not clash.
-    config = config_flags.DEFINE_config_file("config", None, "Config file (a pretraining config).")
+    config = config_flags.DEFINE_config_file(
+        "config", None, cli.config_help("A pretraining config", "pretrain")
+    )
     out = flags.DEFINE_string("out", "pairs.png", "Where to write the PNG grid.")
     num = flags.DEFINE_integer("num", 8, "How many images (rows).")
     flags.mark_flag_as_required("config")

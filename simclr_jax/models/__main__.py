@@ -1,4 +1,4 @@
-"""Model card: ``python -m simclr_jax.models [--depth 50 --width 2 --sk_ratio 0.0625] [--json]``.
+"""Model card: ``python -m simclr_jax.models [--depth=50 --width=2 --sk_ratio=0.0625] [--json]``.
 
 Without --depth, prints the standard variants (SimCLRv2's r50..r152_3x_sk1 plus r18/r34/r200) with
 parameter counts and forward GFLOPs, computed from shapes only (nothing is allocated or run).
@@ -6,80 +6,73 @@ parameter counts and forward GFLOPs, computed from shapes only (nothing is alloc
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from typing import Any
 
+from absl import flags
+
+from simclr_jax import cli
 from simclr_jax.models.build import build_model
 from simclr_jax.models.card import STANDARD_VARIANTS, describe, describe_variant, format_table
 from simclr_jax.models.heads import PROJ_HEAD_MODES
 
+CIFAR_STEM = {"auto": None, "true": True, "false": False}
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m simclr_jax.models", description=__doc__)
-    parser.add_argument(
-        "--variants",
-        default=",".join(STANDARD_VARIANTS),
-        help="comma-separated standard variants (ignored with --depth)",
+
+def define_flags() -> None:
+    flags.DEFINE_string(
+        "variants",
+        ",".join(STANDARD_VARIANTS),
+        "Comma-separated standard variants (not with --depth).",
     )
-    parser.add_argument("--depth", type=int, help="describe one custom model of this depth")
-    parser.add_argument("--width", type=int, default=1, help="width multiplier (custom model)")
-    parser.add_argument("--sk_ratio", type=float, default=0.0, help="SimCLRv2: 0.0625")
-    parser.add_argument("--se_ratio", type=float, default=0.0)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument(
-        "--cifar_stem",
-        choices=("auto", "true", "false"),
-        default="auto",
-        help="auto: CIFAR stem when image_size <= 32",
-    )
-    parser.add_argument("--num_classes", type=int, default=1000)
-    parser.add_argument("--proj_head_mode", choices=PROJ_HEAD_MODES, default="nonlinear")
-    parser.add_argument("--num_proj_layers", type=int, default=3)
-    parser.add_argument("--proj_out_dim", type=int, default=128)
-    parser.add_argument("--no_flops", action="store_true", help="skip the FLOP count (faster)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    return parser.parse_args(argv)
+    flags.DEFINE_integer("depth", None, "Describe one custom model of this depth.")
+    flags.DEFINE_integer("width", 1, "Width multiplier (custom model).")
+    flags.DEFINE_float("sk_ratio", 0.0, "Selective-kernel ratio (SimCLRv2: 0.0625).")
+    flags.DEFINE_float("se_ratio", 0.0, "Squeeze-and-excitation ratio.")
+    flags.DEFINE_integer("image_size", 224, "Input size.")
+    flags.DEFINE_enum("cifar_stem", "auto", list(CIFAR_STEM), "auto: a CIFAR stem when <= 32 px.")
+    flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
+    flags.DEFINE_enum("proj_head_mode", "nonlinear", list(PROJ_HEAD_MODES), "Projection head.")
+    flags.DEFINE_integer("num_proj_layers", 3, "Projection head layers.")
+    flags.DEFINE_integer("proj_out_dim", 128, "Projection output size.")
+    flags.DEFINE_bool("no_flops", False, "Skip the FLOP count (faster).")
+    flags.DEFINE_bool("json", False, "One JSON object per line instead of the table.")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+def card_rows(values: Any) -> list[dict[str, Any]]:
+    """The card's rows for the flag values (`values.depth`, ...): one custom model, or the
+    standard variants; a bad architecture is a ValueError naming the field."""
     head = {
-        "proj_head_mode": args.proj_head_mode,
-        "num_proj_layers": args.num_proj_layers,
-        "proj_out_dim": args.proj_out_dim,
-        "se_ratio": args.se_ratio,
-        "cifar_stem": {"auto": None, "true": True, "false": False}[args.cifar_stem],
+        "proj_head_mode": values.proj_head_mode,
+        "num_proj_layers": values.num_proj_layers,
+        "proj_out_dim": values.proj_out_dim,
+        "se_ratio": values.se_ratio,
+        "cifar_stem": CIFAR_STEM[values.cifar_stem],
     }
-    try:
-        if args.depth is not None:
-            fields = dict(
-                head, depth=args.depth, width_multiplier=args.width, sk_ratio=args.sk_ratio
-            )
-            model = build_model(fields, num_classes=args.num_classes, image_size=args.image_size)
-            rows = [describe(model, args.image_size, flops=not args.no_flops)]
-        else:
-            rows = [
-                describe_variant(
-                    name.strip(),
-                    image_size=args.image_size,
-                    num_classes=args.num_classes,
-                    flops=not args.no_flops,
-                    **head,
-                )
-                for name in args.variants.split(",")
-                if name.strip()
-            ]
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-    else:
-        print(format_table(rows))
-    return 0
+    flops, size = not values.no_flops, values.image_size
+    if values.depth is not None:
+        fields = dict(
+            head, depth=values.depth, width_multiplier=values.width, sk_ratio=values.sk_ratio
+        )
+        model = build_model(fields, num_classes=values.num_classes, image_size=size)
+        return [describe(model, size, flops=flops)]
+    names = [name.strip() for name in values.variants.split(",") if name.strip()]
+    return [
+        describe_variant(name, image_size=size, num_classes=values.num_classes, flops=flops, **head)
+        for name in names
+    ]
+
+
+def main() -> None:
+    define_flags()
+
+    def card(argv: list[str]) -> None:
+        del argv
+        rows = card_rows(flags.FLAGS)
+        print("\n".join(map(json.dumps, rows)) if flags.FLAGS.json else format_table(rows))
+
+    cli.run(card)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -21,6 +21,7 @@ import ml_collections
 from etils import epath
 
 from simclr_jax import distill, finetune, parallel, pretrain, saved_run, validation
+from simclr_jax.configs import base
 from simclr_jax.data import stage_data
 from simclr_jax.models import build_model
 from simclr_jax.train import checkpoint, runner
@@ -48,7 +49,7 @@ class PlannedStep:
 
 def stage_of(config: ml_collections.ConfigDict) -> str:
     """'pretrain', 'finetune' or 'distill': which trainer a config belongs to."""
-    return saved_run.stage_of(config.to_dict())
+    return base.stage_of(config)
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PlannedStep:

@@ -32,6 +32,7 @@ from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data import sources
 from simclr_jax.data.arrays import ImageArrays
 from simclr_jax.train import scoring
+from simclr_jax.train.task_progress import TaskProgress
 
 Metrics = dict[str, float]
 KINDS = ("probe", "classifier", "teacher", "knn")
@@ -129,9 +130,11 @@ class KnnMonitor:
         """float32 [N, D] features of every image of `arrays`, on the host (every process)."""
         chunks = []
         batches = data_pipeline.eval_batches(arrays, global_batch=self._batch_size, mesh=self._mesh)
-        for batch in batches:
+        progress = TaskProgress("kNN monitor, features", len(arrays), unit=" images")
+        for index, batch in enumerate(batches):
             features = self._features(variables, batch["image"])
             chunks.append(multihost_utils.process_allgather(features, tiled=True))
+            progress.advance(min(self._batch_size, len(arrays) - index * self._batch_size))
         # Only the last batch is padded, so the first N rows are the real examples.
         return np.concatenate(chunks)[: len(arrays)]
 

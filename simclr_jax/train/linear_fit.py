@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from simclr_jax.train.task_progress import TaskProgress
+
 
 @dataclasses.dataclass(frozen=True)
 class LinearClassifier:
@@ -130,6 +132,12 @@ def fit_with_validation(
     x = np.asarray(features, np.float32).reshape(len(features), -1)
     labels = np.asarray(labels)
     splits = validation_folds(labels, folds=folds, seed=seed)[:max_folds]
+    progress = TaskProgress(
+        f"Linear fit on {x.shape[0]} examples x {x.shape[1]} features ({len(l2_grid)} penalties "
+        f"x {len(splits)} held-out fold{'s' * (len(splits) > 1)}, then the refit)",
+        len(l2_grid) * len(splits) + 1,
+        unit=" fits",
+    )
     scores = []
     for l2 in l2_grid:
         accuracies = []
@@ -140,11 +148,13 @@ def fit_with_validation(
                 x, labels, num_classes=num_classes, l2=l2, max_steps=max_steps, weights=keep
             )
             accuracies.append(fitted.accuracy(x[held_out], labels[held_out]))
+            progress.advance()
         scores.append(float(np.mean(accuracies)))
     best = float(l2_grid[int(np.argmax(scores))])
     classifier = fit_linear_classifier(
         x, labels, num_classes=num_classes, l2=best, max_steps=max_steps
     )
+    progress.advance()
     return classifier, best, dict(zip(map(float, l2_grid), scores, strict=True))
 
 

@@ -129,9 +129,11 @@ class StepLoop:
     def _after_step(self, done: int, state: Any, stopping: bool, results: dict) -> None:
         settings = self.settings
         save_now = done % settings.checkpoint_every == 0 or done == settings.end_step or stopping
+        logged = None
         if done % settings.log_every == 0 or save_now:
-            results.update(self._log(done))
-        self.progress(done)
+            logged = self._log(done)
+            results.update(logged)
+        self.progress(done, metrics=logged)  # one line: these metrics and the rates
         if save_now:
             with jax.transfer_guard("allow"):
                 self.save(done, state)
@@ -143,6 +145,7 @@ class StepLoop:
                 for evaluator in due:
                     found.update(evaluator(state))
             self.writer.write_scalars(done, found)
+            logging.info("Evaluation at step %d: %s", done, metrics_lib.format_scalars(found))
             results.update(found)
         if save_now or eval_now:
             metrics_lib.write_results_json(self.workdir, results, done)

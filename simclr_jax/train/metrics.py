@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+SLOW_FIRST_STEP_S = 10.0  # Progress says when the first step (compilation) took this long
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 
@@ -45,25 +47,33 @@ def create_writer(
     is_main: bool = True,
     asynchronous: bool = True,
     tensorboard: bool = True,
+    console: bool = True,
 ):
     """A metric writer: write_scalars(step, dict), write_hparams(dict), flush(), close().
 
-    Main process: TensorBoard events + log lines (clu, when `tensorboard` and TF is importable;
-    else log lines only) and `workdir/metrics.jsonl`. Other processes: log lines only, so hosts
-    of a pod do not write the same files.
+    Main process: TensorBoard events (clu, when `tensorboard` and TF is importable) and
+    `workdir/metrics.jsonl`; other processes write no files, so hosts of a pod do not write the
+    same ones. Every process: a log line per call, unless `console` is False (the training loop
+    writes one line per interval itself: Progress).
     """
     workdir = epath.Path(workdir)
     metric_writers = clu_metric_writers() if tensorboard else None
     if metric_writers is None:
-        writers = [ConsoleWriter()]
+        writers = [ConsoleWriter()] if console else []
         if is_main:
             writers.append(JsonlWriter(workdir / METRICS_FILE))
         return MultiWriter(writers)
-    writers = [
-        metric_writers.create_default_writer(
-            workdir, just_logging=not is_main, asynchronous=asynchronous
-        )
-    ]
+    if console:
+        writers = [
+            metric_writers.create_default_writer(
+                workdir, just_logging=not is_main, asynchronous=asynchronous
+            )
+        ]
+    elif is_main:
+        events = metric_writers.SummaryWriter(os.fspath(workdir))
+        writers = [metric_writers.AsyncWriter(events) if asynchronous else events]
+    else:
+        writers = []
     if is_main:
         jsonl = JsonlWriter(workdir / METRICS_FILE)
         writers.append(metric_writers.AsyncWriter(jsonl) if asynchronous else jsonl)
@@ -136,12 +146,19 @@ class JsonlWriter(_NoMedia):
             self._file.close()
 
 
+def format_scalars(scalars: Mapping[str, Any], digits: int = 6) -> str:
+    """'name=value, ...' sorted by name, floats to `digits` significant digits."""
+    items = sorted(to_python(scalars).items())
+    return ", ".join(
+        f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}" for k, v in items
+    )
+
+
 class ConsoleWriter(_NoMedia):
     """Scalars and hparams as absl log lines (what clu's LoggingWriter does, without TF)."""
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        values = ", ".join(f"{k}={_format(v)}" for k, v in sorted(to_python(scalars).items()))
-        logging.info("[%d] %s", step, values)
+        logging.info("[%d] %s", step, format_scalars(scalars))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         logging.info("[Hyperparameters] %s", to_python(hparams))
@@ -176,10 +193,6 @@ class MultiWriter(_NoMedia):
             writer.close()
 
 
-def _format(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 def format_seconds(seconds: float) -> str:
     """12345.6 -> '3h25m46s'."""
     seconds = max(0, round(seconds))
@@ -191,7 +204,10 @@ def format_seconds(seconds: float) -> str:
 class Progress:
     """Reports steps/s, images/s, elapsed time and ETA every `every_steps` steps.
 
-    Call it after each step with the step just finished; it returns True when it reported.
+    Call it after each step with the step just finished, and with the interval's training
+    metrics where the loop has them: one log line then shows both (the metrics go to the writer's
+    files from the loop, the rates from here). It returns True when it reported; metrics given at
+    a step that is not a reporting step (a checkpoint's) are reported there too.
     Rates cover the steps since the previous report. The first step after `first_step` compiles
     the program, so the first window starts when it ends: a report at that step has no ETA, and
     the first ETA counts only running steps (after a resume, only the steps still to run).
@@ -219,13 +235,20 @@ class Progress:
         self._start_time = self._last_time = time.monotonic()
         self._last_step = self._first_step = first_step
 
-    def __call__(self, step: int, now: float | None = None) -> bool:
-        due = step % self.every_steps == 0 or step == self.total_steps
+    def __call__(
+        self, step: int, now: float | None = None, *, metrics: Mapping[str, Any] | None = None
+    ) -> bool:
+        due = step % self.every_steps == 0 or step == self.total_steps or metrics is not None
         compiling = step == self._first_step + 1
         if (not due and not compiling) or step <= self._last_step:
             return False
         now = time.monotonic() if now is None else now
-        if not due:  # the compiling step: only start the clock
+        if not due:  # the compiling step: only start the clock (and say so if it was slow)
+            if now - self._start_time >= SLOW_FIRST_STEP_S:
+                logging.info(
+                    "step %d/%d: the first step (it compiles) took %s",
+                    step, self.total_steps, format_seconds(now - self._start_time),
+                )  # fmt: skip
             self._last_step, self._last_time = step, now
             return False
         steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
@@ -238,11 +261,13 @@ class Progress:
         if not compiling:
             scalars["eta_sec"] = (self.total_steps - step) / steps_per_sec
             eta = format_seconds(scalars["eta_sec"])
+        shown = {k: v for k, v in (metrics or {}).items() if not (k == "nonfinite" and v == 0)}
         logging.info(
-            "step %d/%d (%.1f%%): %s, elapsed %s, ETA %s",
+            "step %d/%d (%.1f%%): %s%s, elapsed %s, ETA %s",
             step,
             self.total_steps,
             100 * step / max(self.total_steps, 1),
+            f"{format_scalars(shown, digits=4)}; " if shown else "",
             message,
             format_seconds(scalars["elapsed_sec"]),
             eta,

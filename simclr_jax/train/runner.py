@@ -107,7 +107,10 @@ def _run(config, workdir, dp, stage, ckpt, exits, stop_at_step) -> dict[str, Any
     metrics.write_config(workdir, config)
     stops = exits.enter_context(preemption.StopRequests(start_step))
     writer = metrics.create_writer(
-        workdir, is_main=jax.process_index() == 0, tensorboard=config.get("tensorboard", True)
+        workdir,
+        is_main=jax.process_index() == 0,
+        tensorboard=config.get("tensorboard", True),
+        console=False,  # the loop's progress line shows each interval's metrics
     )
     exits.callback(writer.close)
     step_loop = _step_loop(config, workdir, dp, stage, ckpt, writer, stops, stop_at_step)

@@ -15,6 +15,7 @@ import pytest
 
 from simclr_jax import cli, evaluate, saved_run
 from simclr_jax.configs import (
+    finetune_cifar10,
     finetune_fashion_mnist,
     finetune_imagenet,
     pretrain_imagenet,

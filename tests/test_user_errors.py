@@ -110,7 +110,7 @@ def test_a_stage_lists_the_presets_of_its_own_configs():
     finetune = cli.config_help("Fine-tuning config", "finetune").splitlines()
     assert finetune[1:] == [
         f"{m.__name__.rsplit('.', 1)[1]}: {', '.join(m.ARGUMENTS.presets)}"
-        for m in (finetune_fashion_mnist, finetune_imagenet, transfer_digits)
+        for m in (finetune_cifar10, finetune_fashion_mnist, finetune_imagenet, transfer_digits)
     ]
     pretrain = cli.config_help("Pretraining config", "pretrain")
     assert "pretrain_imagenet: v1, r50_1x_sk0," in pretrain and "finetune_" not in pretrain

@@ -26,7 +26,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from simclr_jax.train import checkpoint, metrics
-from simclr_jax.train.workdir_lock import WorkdirLock
+from simclr_jax.train.workdir_lock import WorkdirLock, make_folder
 
 EVAL_DIR = "eval"
 _NOTHING, _STOP = -1, -2
@@ -93,7 +93,7 @@ def run(
     eval_dir = epath.Path(workdir) / EVAL_DIR
     is_main = jax.process_index() == 0
     if is_main:
-        eval_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(eval_dir)
     with contextlib.ExitStack() as stack:
         stack.enter_context(WorkdirLock(eval_dir))
         checkpoints = _Checkpoints(workdir)

@@ -55,7 +55,7 @@ from ml_collections import config_flags
 
 from simclr_jax import configs, distributed
 from simclr_jax.configs import base as config_base
-from simclr_jax.train import disk_space
+from simclr_jax.train import disk_space, workdir_lock
 
 # The flags this module defines belong to the stage that calls it (its key flags, for --help).
 flags.disclaim_key_flags()
@@ -159,6 +159,7 @@ def run_stage(train_and_evaluate: Callable[..., dict[str, Any]], what: str) -> N
     def main(argv) -> None:
         del argv
         logging.getLogger().setLevel(logging.INFO)
+        workdir_lock.check_folder(flags.FLAGS.workdir)  # before any work
         distributed.initialize()
         values = flags.FLAGS
         results = train_and_evaluate(

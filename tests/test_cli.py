@@ -75,6 +75,18 @@ def test_user_errors_are_one_line_without_a_traceback(args, needle, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_workdir_that_is_a_file_is_named_before_any_work(tmp_path):
+    afile = tmp_path / "run"
+    afile.write_text("keep me")
+    result = run(f"--config={TINY}", f"--workdir={afile}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"simclr_jax.pretrain: error: {afile} must be a folder (--workdir names a run's folder, "
+        "new or existing), but it is a file"
+    )
+    assert afile.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("source", ["tfds", "auto", "folder"])
 def test_a_missing_data_dir_is_named_before_any_work(source, tmp_path):
     config = pretrain_fashion_mnist.get_config("tiny")

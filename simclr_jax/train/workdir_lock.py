@@ -60,8 +60,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def make_folder(folder: epath.Path) -> None:
-    """Creates `folder` and its parents; a file where a folder must be is a one-line error."""
+def check_folder(folder: epath.PathLike) -> None:
+    """Raises a one-line error if `folder`, or the nearest of its parents that exists, is a file."""
+    folder = epath.Path(folder)
     for path in (folder, *folder.parents):
         if path.exists():
             if not path.is_dir():
@@ -70,7 +71,12 @@ def make_folder(folder: epath.Path) -> None:
                     f"{folder} must be a folder (--workdir names a run's folder, new or "
                     f"existing), but {what} is a file"
                 )
-            break
+            return
+
+
+def make_folder(folder: epath.Path) -> None:
+    """Creates `folder` and its parents (check_folder first)."""
+    check_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
 

@@ -61,9 +61,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def check_folder(folder: epath.PathLike) -> None:
-    """Raises a one-line error if `folder`, or the nearest of its parents that exists, is a file."""
+    """Raises a one-line error if `folder`, or the nearest of its parents that exists, is a file
+    (on a local disk; in a bucket, `folder` itself)."""
     folder = epath.Path(folder)
-    for path in (folder, *folder.parents):
+    remote = "://" in os.fspath(folder)
+    for path in (folder,) if remote else (folder, *folder.parents):
         if path.exists():
             if not path.is_dir():
                 what = "it" if path == folder else path

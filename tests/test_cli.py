@@ -3,6 +3,7 @@ and logs without orbax's internals (the rules are simclr_jax/cli.py's docstring)
 
 from __future__ import annotations
 
+import errno
 import logging
 import pathlib
 import subprocess
@@ -202,19 +203,22 @@ def test_orbax_internals_leave_the_log_unless_verbose(verbose, tmp_path):
 
 
 def test_the_library_filter_keeps_warnings_and_other_libraries():
-    def record(path: str, level: int, message: str = "message") -> logging.LogRecord:
-        return logging.LogRecord("absl", level, path, 1, message, (), None)
+    def record(path: str, level: int, message: str = "message", error=None) -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord("absl", level, path, 1, message, (), exc_info)
 
     orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
     assert not cli._drop_library_notices(record(orbax, logging.INFO))
     assert cli._drop_library_notices(record(orbax, logging.WARNING))
     assert cli._drop_library_notices(record("/work/simclr_jax/train/loop.py", logging.INFO))
-    # optax: only its INFO notice about a schedule without warmup.
-    optax = "/site-packages/optax/schedules/_schedule.py"
-    notice = "A polynomial schedule was set with a non-positive `transition_steps` value"
-    assert not cli._drop_library_notices(record(optax, logging.INFO, notice))
-    assert cli._drop_library_notices(record(optax, logging.WARNING, notice))
-    assert cli._drop_library_notices(record(optax, logging.INFO))
+    # orbax's errors stay, except its reports of a full disk (the run ends saying so itself).
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert cli._drop_library_notices(record(orbax, logging.ERROR, error=ValueError("bad")))
+    assert not cli._drop_library_notices(record(orbax, logging.ERROR, "failed", error=full))
+    wrapped = "RESOURCE_EXHAUSTED: Failed to write: No space left on device [os_error_code='28']"
+    assert not cli._drop_library_notices(record(orbax, logging.ERROR, wrapped))
+    loop = "/work/simclr_jax/train/loop.py"
+    assert cli._drop_library_notices(record(loop, logging.ERROR, wrapped, error=full))
 
 
 def test_readme_names_the_students_fields():

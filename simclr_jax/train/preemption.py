@@ -120,8 +120,11 @@ def _check_sync_service(first_step: int) -> None:
 
 def _notice_recorded() -> bool:
     """Whether JAX's service has recorded a preemption notice since the job started."""
+    client = jax_distributed.global_state.client
+    if client is None:  # no coordinator to ask (_check_sync_service found the service running)
+        return False
     try:
-        jax_distributed.global_state.client.key_value_try_get(NOTICE_KEY)
+        client.key_value_try_get(NOTICE_KEY)
     except jax.errors.JaxRuntimeError as error:
         if "NOT_FOUND" in str(error):
             return False

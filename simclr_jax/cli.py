@@ -31,10 +31,11 @@ notice are switched off by their environment variables, unless already set (oneD
 changes no byte of what our TF code computes: decode, crops, bicubic resizes; checked), and
 matplotlib's one-off "building the font cache" line is dropped. (TF_ENABLE_ONEDNN_OPTS does not
 reach JAX: the demo's training and features are bit for bit the same with it on or off.) Orbax
-writes about 40 INFO lines per checkpoint about its own machinery, optax one per schedule without
-warmup, and JAX one about the TPU backend it did not find; unless --verbosity >= 1 these are
-dropped. Their warnings and errors, and every other line, stay. Orbax and optax log through absl's
-one logger, so there is no orbax logger to give a level: a filter on that logger drops their
+writes about 40 INFO lines per checkpoint about its own machinery, and JAX one about the TPU
+backend it did not find; unless --verbosity >= 1 these are dropped. Their warnings and errors,
+and every other line, stay, except orbax's errors about a full disk: one per write thread, each
+with its traceback, while the run ends with one line naming the cause. Orbax logs through absl's
+one logger, so there is no orbax logger to give a level: a filter on that logger drops its
 records by their source file.
 """
 
@@ -54,6 +55,7 @@ from ml_collections import config_flags
 
 from simclr_jax import configs, distributed
 from simclr_jax.configs import base as config_base
+from simclr_jax.train import disk_space, workdir_lock
 
 # The flags this module defines belong to the stage that calls it (its key flags, for --help).
 flags.disclaim_key_flags()
@@ -157,6 +159,7 @@ def run_stage(train_and_evaluate: Callable[..., dict[str, Any]], what: str) -> N
     def main(argv) -> None:
         del argv
         logging.getLogger().setLevel(logging.INFO)
+        workdir_lock.check_folder(flags.FLAGS.workdir)  # before any work
         distributed.initialize()
         values = flags.FLAGS
         results = train_and_evaluate(
@@ -283,20 +286,17 @@ def _root_cause(error: BaseException) -> BaseException:
 
 # Orbax warnings that only describe what was asked for (reading a workdir read-only).
 _ORBAX_NOTICES = ("Given directory is read only",)
-# optax's INFO line about a schedule with no warmup (building it otherwise changes the compiled
-# learning rate in the last bits, and with it the README's numbers).
-_OPTAX_NOTICES = ("schedule was set with a non-positive",)
 
 
 def _drop_library_notices(record: logging.LogRecord) -> bool:
-    """Keep a log record unless it is orbax's, below WARNING or one of its notices, or one of
-    optax's INFO notices."""
-    if f"{os.sep}optax{os.sep}" in record.pathname and record.levelno < logging.WARNING:
-        return not any(text in str(record.msg) for text in _OPTAX_NOTICES)
+    """Keep a log record unless it is orbax's, below WARNING or one of its notices, or its report
+    of a full disk (each of its write threads logs one with a traceback; the run then ends with
+    one line saying so, train/disk_space.py)."""
     if _ORBAX not in record.pathname:
         return True
     if record.levelno >= logging.ERROR:
-        return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (disk_space.is_disk_full(error) or disk_space.NO_SPACE in record.getMessage())
     notice = any(text in str(record.msg) for text in _ORBAX_NOTICES)
     return record.levelno >= logging.WARNING and not notice
 

@@ -39,7 +39,7 @@ from etils import epath
 
 from simclr_jax import cli, predict, saved_run
 from simclr_jax.data import image_files, tfds_source
-from simclr_jax.data.augment import CROP_PROPORTION, EVAL_NO_CROP_MAX_SIZE
+from simclr_jax.data.augment import CROP_PROPORTION, EVAL_NO_CROP_MAX_SIZE, crop_and_resize
 from simclr_jax.models.resnet import total_stride
 
 MIN_CANVAS = 64  # smallest padded canvas (sides are rounded up to a power of two)
@@ -119,27 +119,12 @@ def canvas_side(n: int) -> int:
 def resize_window(canvas: jax.Array, height: jax.Array, width: jax.Array, *, out_size: int):
     """canvas[:height, :width] (uint8, zero padded) -> float32 [out, out, C] in [0, 1].
 
-    Bicubic (Keys, a = -0.5), half-pixel centres, no antialiasing, taps outside the image dropped
-    and the rest renormalised: tf.image.resize(method='bicubic'). The window's size is traced, so
-    one compilation serves every image that fits the canvas: resizing the image and its mask
-    over the whole canvas and dividing renormalises over the image's own pixels exactly.
+    tf.image.resize(method='bicubic') of the window (augment.crop_and_resize: nothing outside
+    it is read). The window's size is traced, so one compilation serves every image that fits
+    the canvas.
     """
-    image = canvas.astype(jnp.float32) / 255.0
-    rows = jnp.arange(canvas.shape[0]) < height
-    cols = jnp.arange(canvas.shape[1]) < width
-    mask = (rows[:, None] & cols[None, :]).astype(jnp.float32)[..., None]
-    scale = jnp.stack([out_size / height, out_size / width]).astype(jnp.float32)
-    resize = functools.partial(
-        jax.image.scale_and_translate,
-        spatial_dims=(0, 1),
-        scale=scale,
-        translation=jnp.zeros(2, jnp.float32),
-        method="cubic",
-        antialias=False,
-    )
-    values = resize(image * mask, (out_size, out_size, canvas.shape[-1]))
-    weights = resize(mask, (out_size, out_size, 1))
-    return jnp.clip(values / weights, 0.0, 1.0)
+    window = jnp.stack([0, 0, height, width])
+    return jnp.clip(crop_and_resize(canvas.astype(jnp.float32) / 255.0, window, out_size), 0, 1)
 
 
 def preprocess(image: np.ndarray, image_size: int) -> jax.Array:

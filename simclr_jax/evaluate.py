@@ -120,7 +120,13 @@ def evaluate_workdir(
         config = ml_collections.ConfigDict(run.config)
     evaluate_step, final_step = build(run, config)
     return checkpoint_follower.run(
-        workdir, evaluate_step, final_step=final_step, poll_s=poll_s, timeout_s=timeout_s
+        workdir,
+        evaluate_step,
+        final_step=final_step,
+        poll_s=poll_s,
+        timeout_s=timeout_s,
+        checkpoint_every=run.config.get("checkpoint_every_steps", 0),
+        keep=run.config.get("keep_checkpoints"),
     )
 
 

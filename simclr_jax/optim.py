@@ -56,6 +56,8 @@ def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: int) 
         )
     if warmup_steps >= total_steps:
         return optax.linear_schedule(0.0, peak_lr, transition_steps=warmup_steps)
+    if warmup_steps == 0:  # optax's warmup would be a 0-step linear schedule (and log a warning)
+        return optax.cosine_decay_schedule(peak_lr, decay_steps=total_steps, alpha=0.0)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak_lr,

@@ -1,7 +1,9 @@
-"""The evaluation job's loop: each checkpoint once, while training writes them, resumable."""
+"""The evaluation job's loop: each checkpoint once, while training writes them, resumable; the
+steps it could not read because retention deleted them are named."""
 
 import json
 import pathlib
+import re
 import sys
 import threading
 import time
@@ -124,3 +126,68 @@ def test_the_eval_folder_has_its_own_lock(tmp_path):
     )
     with pytest.raises(WorkdirLockedError, match="elsewhere"):
         checkpoint_follower.run(tmp_path, lambda step: {}, final_step=1, poll_s=0.01)
+
+
+def named_as_missed(caplog) -> list[list[int]]:
+    """The steps each 'not evaluated' warning names (each warning is one line)."""
+    found = []
+    for record in caplog.records:
+        message = record.getMessage()
+        if message.startswith("not evaluated"):
+            assert "\n" not in message and "keep_checkpoints=2" in message, message
+            listed = re.search(r"checkpoint steps (.+) of ", message).group(1)
+            found.append([step for part in listed.split(", ") for step in expand(part)])
+    return found
+
+
+def expand(part: str) -> list[int]:
+    """'7' -> [7]; '10-30 every 10' -> [10, 20, 30]; '3-5' -> [3, 4, 5]."""
+    span, _, every = part.partition(" every ")
+    first, _, last = span.partition("-")
+    return list(range(int(first), int(last or first) + 1, int(every or 1)))
+
+
+def test_steps_deleted_before_the_job_first_looked_are_named(tmp_path, caplog):
+    with CheckpointManager(tmp_path, keep=2) as ckpt:
+        for step in range(10, 51, 10):
+            ckpt.save(step, make_state(seed=step), force=True)
+    calls = []
+    checkpoint_follower.run(
+        tmp_path, evaluator(tmp_path, calls), final_step=50, poll_s=0.01,
+        checkpoint_every=10, keep=2,
+    )  # fmt: skip
+    assert calls == [40, 50]
+    assert named_as_missed(caplog) == [[10, 20, 30]]
+    assert "steps 10-30 every 10 of" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
+def test_every_saved_step_is_evaluated_or_named_once(tmp_path, caplog):
+    """Training saves faster than the job evaluates and keeps 2: some steps are deleted before
+    their turn, some between the job's looks. Each saved step is evaluated, or named once."""
+    saved = list(range(2, 25, 2))
+
+    def train():
+        with CheckpointManager(tmp_path, keep=2) as ckpt:
+            for step in saved:
+                ckpt.save(step, make_state(seed=step), force=True)
+                ckpt.wait()
+                time.sleep(0.05)
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    calls = []
+    inner = evaluator(tmp_path, calls)
+
+    def slow(step):
+        time.sleep(0.2)
+        return inner(step)
+
+    checkpoint_follower.run(
+        tmp_path, slow, final_step=saved[-1], poll_s=0.01, checkpoint_every=2, keep=2
+    )
+    trainer.join()
+    evaluated = [row["step"] for row in records(tmp_path)]
+    named = [step for steps in named_as_missed(caplog) for step in steps]
+    assert named and evaluated[-1] == saved[-1]
+    assert sorted(evaluated + named) == saved  # each step once: evaluated or named

@@ -3,6 +3,7 @@ and logs without orbax's internals (the rules are simclr_jax/cli.py's docstring)
 
 from __future__ import annotations
 
+import errno
 import logging
 import pathlib
 import subprocess
@@ -73,6 +74,18 @@ def test_user_errors_are_one_line_without_a_traceback(args, needle, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("simclr_jax.pretrain: error: ") and needle in last, result.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_workdir_that_is_a_file_is_named_before_any_work(tmp_path):
+    afile = tmp_path / "run"
+    afile.write_text("keep me")
+    result = run(f"--config={TINY}", f"--workdir={afile}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"simclr_jax.pretrain: error: {afile} must be a folder (--workdir names a run's folder, "
+        "new or existing), but it is a file"
+    )
+    assert afile.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("source", ["tfds", "auto", "folder"])
@@ -190,19 +203,22 @@ def test_orbax_internals_leave_the_log_unless_verbose(verbose, tmp_path):
 
 
 def test_the_library_filter_keeps_warnings_and_other_libraries():
-    def record(path: str, level: int, message: str = "message") -> logging.LogRecord:
-        return logging.LogRecord("absl", level, path, 1, message, (), None)
+    def record(path: str, level: int, message: str = "message", error=None) -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord("absl", level, path, 1, message, (), exc_info)
 
     orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
     assert not cli._drop_library_notices(record(orbax, logging.INFO))
     assert cli._drop_library_notices(record(orbax, logging.WARNING))
     assert cli._drop_library_notices(record("/work/simclr_jax/train/loop.py", logging.INFO))
-    # optax: only its INFO notice about a schedule without warmup.
-    optax = "/site-packages/optax/schedules/_schedule.py"
-    notice = "A polynomial schedule was set with a non-positive `transition_steps` value"
-    assert not cli._drop_library_notices(record(optax, logging.INFO, notice))
-    assert cli._drop_library_notices(record(optax, logging.WARNING, notice))
-    assert cli._drop_library_notices(record(optax, logging.INFO))
+    # orbax's errors stay, except its reports of a full disk (the run ends saying so itself).
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert cli._drop_library_notices(record(orbax, logging.ERROR, error=ValueError("bad")))
+    assert not cli._drop_library_notices(record(orbax, logging.ERROR, "failed", error=full))
+    wrapped = "RESOURCE_EXHAUSTED: Failed to write: No space left on device [os_error_code='28']"
+    assert not cli._drop_library_notices(record(orbax, logging.ERROR, wrapped))
+    loop = "/work/simclr_jax/train/loop.py"
+    assert cli._drop_library_notices(record(loop, logging.ERROR, wrapped, error=full))
 
 
 def test_readme_names_the_students_fields():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import flax
@@ -105,13 +106,16 @@ def reference_lr(step: int, peak: float, total: int, warmup: int) -> float:
 
 
 @pytest.mark.parametrize("total,warmup", [(50, 10), (20, 0), (7, 6)])
-def test_warmup_cosine_schedule_matches_reference_formula(total, warmup):
+def test_warmup_cosine_schedule_matches_reference_formula(total, warmup, caplog):
+    caplog.set_level(logging.DEBUG)
     schedule = optim.warmup_cosine_schedule(0.8, total, warmup)
     steps = np.arange(total + 3)
     values = np.asarray(jax.vmap(schedule)(steps))
     expected = [reference_lr(int(s), 0.8, total, warmup) for s in steps]
     np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-7)
     assert values[total] == pytest.approx(0.0, abs=1e-7)
+    # No warmup is no 0-step warmup schedule: optax would log that it is constant, every run.
+    assert not [r.getMessage() for r in caplog.records if "optax" in r.pathname]
 
 
 def test_warmup_longer_than_run_stays_on_warmup_line():

@@ -2,9 +2,11 @@
 
 Two `jax.distributed` processes on localhost run the runner (tests/multiprocess/runner_worker.py:
 the trainers' runner on a tiny stage, a collective every step). SIGTERM reaches only one of them,
-then (on the rerun) both a step apart. Each time both must save the same step and exit 0 within
-a bounded time, and resuming must give exactly the losses of an uninterrupted run. A process that
-stopped alone would hang its partner in the next collective (the launch's deadline catches it).
+then (on the rerun) both a step apart, then (on the next rerun) one of them during its start-up,
+before the restore. Each time both must save the same step, say so in the same line and exit 0
+within a bounded time, and resuming must give exactly the losses of an uninterrupted run. A
+process that stopped alone would hang its partner in the next collective (the launch's deadline
+catches it); a request both ignored would let them train to the end.
 """
 
 import json
@@ -29,7 +31,7 @@ LAUNCH_S = 240  # a whole launch on a loaded 2-core machine; a hang ends here
 class Job:
     """The two processes of one launch, with their logs."""
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, *flags: str):
         env = {k: v for k, v in os.environ.items() if not k.startswith(_JOB_VARIABLES)}
         env.update(
             SIMCLR_COORDINATOR_ADDRESS=f"localhost:{free_port()}",
@@ -44,7 +46,7 @@ class Job:
             with open(self.logs[-1], "w") as out:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, str(WORKER), str(workdir), f"--num_steps={STEPS}"],
+                        [sys.executable, str(WORKER), str(workdir), f"--num_steps={STEPS}", *flags],
                         env=dict(env, SIMCLR_PROCESS_ID=str(i)),
                         stdout=out,
                         stderr=subprocess.STDOUT,
@@ -60,6 +62,22 @@ class Job:
                 return max(logged)
             self.check_alive()
             time.sleep(0.02)
+
+    def hold_in_start_up_and_signal(self, process: int) -> None:
+        """With --hold_start_up: SIGTERM to `process` while both wait before their restore; they
+        go on once JAX's service has taken the notice (its log line, then 2 s for the others)."""
+        while not all((self.workdir / f"starting.{i}").exists() for i in range(2)):
+            self.check_alive()
+            time.sleep(0.02)
+        self.procs[process].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while "SIGTERM caught" not in self.logs[process].read_text():
+            if time.monotonic() > deadline:
+                break  # JAX's wording changed: the stop must happen all the same
+            self.check_alive()
+            time.sleep(0.05)
+        time.sleep(2)
+        (self.workdir / "go").write_text("")
 
     def logged_steps(self) -> list[int]:
         path = self.workdir / "metrics.jsonl"
@@ -100,15 +118,22 @@ def saved_steps(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def check_stopped_together(workdir: pathlib.Path, results: list[dict], after: int) -> int:
-    """Both processes stopped after the same step, later than `after`, and saved it together."""
+def check_stopped_together(job: Job, results: list[dict], after: int) -> int:
+    """Both processes stopped after the same step, later than `after`, saved it together and
+    said so in the same line."""
     stops = [r["preempted_at_step"] for r in results]
     assert stops[0] == stops[1] and stops[0] is not None, results
     assert after < stops[0] < STEPS and [r["step"] for r in results] == stops, results
-    assert saved_steps(workdir)[-1] == stops[0]
-    state = workdir / "checkpoints" / str(stops[0]) / "state"
+    assert saved_steps(job.workdir)[-1] == stops[0]
+    state = job.workdir / "checkpoints" / str(stops[0]) / "state"
     writers = {p.name for p in (state / "array_metadatas").iterdir()}
     assert writers == {"process_0", "process_1"}, "both processes wrote the stop checkpoint"
+    line = (
+        f"Stopped by SIGTERM or SIGINT on one of the 2 processes after step {stops[0]} with a "
+        "checkpoint; rerun the same command to resume."
+    )
+    for log in job.logs:
+        assert log.read_text().count(line) == 1, log.read_text()[-3000:]
     return stops[0]
 
 
@@ -121,7 +146,7 @@ def test_sigterm_to_some_processes_stops_all_at_one_step_and_resumes_exactly(tmp
     job = Job(stopped)
     job.wait_for_step(5)
     job.procs[1].send_signal(signal.SIGTERM)
-    first = check_stopped_together(stopped, job.finish(EXIT_S), after=5)
+    first = check_stopped_together(job, job.finish(EXIT_S), after=5)
 
     # 2. The rerun resumes there; SIGTERM reaches process 0, then process 1 a step later.
     job = Job(stopped)
@@ -129,11 +154,20 @@ def test_sigterm_to_some_processes_stops_all_at_one_step_and_resumes_exactly(tmp
     job.procs[0].send_signal(signal.SIGTERM)
     job.wait_for_step(seen + 1)
     job.procs[1].send_signal(signal.SIGTERM)
-    second = check_stopped_together(stopped, job.finish(EXIT_S), after=seen)
+    second = check_stopped_together(job, job.finish(EXIT_S), after=seen)
 
-    # 3. The last rerun goes to the end; the three pieces trained exactly like one run.
+    # 3. The next rerun: SIGTERM reaches process 1 during its start-up, before the restore, when
+    #    JAX's service settles on a stop step from steps the loop never asks about. Both stop
+    #    after the resumed run's first step all the same.
+    job = Job(stopped, "--hold_start_up")
+    job.hold_in_start_up_and_signal(1)
+    third = check_stopped_together(job, job.finish(LAUNCH_S), after=second)
+    assert third == second + 1
+    (stopped / "go").unlink()
+
+    # 4. The last rerun goes to the end; the four pieces trained exactly like one run.
     assert [r["step"] for r in Job(stopped).finish(LAUNCH_S)] == [STEPS, STEPS]
-    assert saved_steps(stopped)[-2:] == [second, STEPS]
+    assert saved_steps(stopped)[-2:] == [third, STEPS]
     expected, got = read_losses(straight), read_losses(stopped)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     np.testing.assert_array_equal(

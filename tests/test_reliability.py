@@ -69,9 +69,13 @@ def test_sigterm_saves_exits_cleanly_and_resumes_to_the_same_losses(tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
-    assert "rerun the same command to resume" in stderr
     stopped_at = checkpoint.CheckpointManager(str(interrupted)).latest_step()
     assert stopped_at is not None and 3 <= stopped_at < 30, stopped_at
+    line = (
+        f"Stopped by signal 15 (SIGTERM) after step {stopped_at} with a checkpoint; rerun the "
+        "same command to resume."
+    )
+    assert sum(line in row for row in stderr.splitlines()) == 1, stderr[-2000:]
 
     resumed = subprocess.run(
         pretrain_command(interrupted), capture_output=True, text=True, timeout=600, cwd=ROOT

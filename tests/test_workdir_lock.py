@@ -139,3 +139,16 @@ def test_concurrent_starts_get_exactly_one_lock(tmp_path):
     codes = sorted(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children)
     assert codes == [0, 3, 3, 3]
     assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())["pid"] in children
+
+
+def test_a_file_where_the_workdir_must_be_is_named_in_one_line(tmp_path):
+    afile = tmp_path / "run"
+    afile.write_text("keep me")
+    for workdir, blocker in ((afile, "it"), (afile / "sub" / "deeper", str(afile))):
+        with pytest.raises(NotADirectoryError) as error:
+            WorkdirLock(workdir).acquire()
+        assert str(error.value) == (
+            f"{workdir} must be a folder (--workdir names a run's folder, new or existing), "
+            f"but {blocker} is a file"
+        )
+    assert afile.read_text() == "keep me"

@@ -19,8 +19,7 @@ contrast, crop, flip and blur apply as for RGB.
 
 Deliberate differences from the reference (README, "Differences from the reference"): the blur
 pads by reflection rather than with zeros, so it does not darken the border, and draws its sigma per
-image (the reference draws one per batch); the crop's bicubic taps at the window's edge read the
-image just outside the window (the reference resizes the cut-out crop, repeating its edge).
+image (the reference draws one per batch).
 """
 
 from __future__ import annotations
@@ -154,27 +153,61 @@ def sample_crop_box(
     )
 
 
+# TF's ResizeBicubic (tf.image.resize(method='bicubic', antialias=False), the reference's resize):
+# half-pixel centres, Keys' cubic with a = -0.5 read from a table at 1/1024 steps (the nearest
+# entry), taps outside the image dropped and the rest renormalised.
+BICUBIC_TABLE_SIZE = 1024
+KEYS_A = -0.5
+
+
+def keys_cubic(distance: jax.Array) -> jax.Array:
+    """Keys' cubic convolution kernel (a = -0.5) at |distance| <= 2."""
+    x, a = jnp.abs(distance), KEYS_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return jnp.where(x <= 1, near, jnp.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(start, length, size: int, out_size: int) -> jax.Array:
+    """float32 [out_size, size]: the weights resizing the window [start, start + length) of an axis
+    of `size` pixels to `out_size` (start and length may be traced), as TF's bicubic resize of
+    the cut-out window: the window's edge pixels are its last taps, nothing outside it is read.
+
+    Output pixel i samples the window at p = (i + 0.5) * length / out_size - 0.5 (float32, as
+    TF) from the 4 pixels floor(p) - 1 .. floor(p) + 2, each weighted by the kernel at its
+    distance from p with p's fraction rounded to 1/1024 (TF reads its weights from a table at
+    that step); taps outside the window get weight 0 and the rest are renormalised.
+    """
+    length = jnp.asarray(length, jnp.float32)
+    position = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * (length / out_size) - 0.5
+    base = jnp.floor(position)
+    fraction = jnp.rint((position - base) * BICUBIC_TABLE_SIZE) / BICUBIC_TABLE_SIZE
+    pixel = jnp.arange(size, dtype=jnp.float32) - jnp.asarray(start, jnp.float32)  # in the window
+    tap = pixel[None, :] - base[:, None]  # -1, 0, 1, 2 for the 4 taps
+    used = (tap >= -1) & (tap <= 2) & (pixel >= 0) & (pixel < length)
+    weights = jnp.where(used, keys_cubic(tap - fraction[:, None]), 0.0)
+    return weights * (1.0 / jnp.sum(weights, axis=1, keepdims=True))
+
+
+def _apply_bicubic(image: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """image [..., H, W, C] -> [..., out_h, out_w, C] with the weight matrices of each axis."""
+    highest = lax.Precision.HIGHEST  # f32 products on TPUs too (their default is bf16 passes)
+    image = jnp.einsum("oh,...hwc->...owc", rows, image, precision=highest)
+    return jnp.einsum("pw,...owc->...opc", cols, image, precision=highest)
+
+
 def crop_and_resize(image: jax.Array, box: jax.Array, out_size: int) -> jax.Array:
     """The window `box` = [top, left, h, w] (traced) of `image`, resized (bicubic) to out_size^2.
 
-    One scale-and-translate: the output shape is static while the window is data-dependent, so it
-    jits and vmaps. Not antialiased and not clipped, as the reference's tf.image.resize (values may
-    overshoot [0, 1]; the views clip where the reference does). The outermost output pixels read
-    the image just outside the window, where TF, resizing the cut-out crop, repeats its edge.
+    Equals the reference's tf.image.resize of the cut-out window (bicubic_matrix); the output
+    shape is static while the window is data-dependent, so it jits and vmaps. Not antialiased
+    and not clipped, as the reference (values may overshoot [0, 1]; the views clip where the
+    reference does).
     """
-    box = box.astype(jnp.float32)
-    scale = jnp.stack([out_size / box[2], out_size / box[3]])
-    translation = -box[:2] * scale
-    out = jax.image.scale_and_translate(
-        image,
-        (out_size, out_size, image.shape[-1]),
-        spatial_dims=(0, 1),
-        scale=scale,
-        translation=translation,
-        method="cubic",
-        antialias=False,
-    )
-    return out
+    height, width = image.shape[0], image.shape[1]
+    rows = bicubic_matrix(box[0], box[2], height, out_size)
+    cols = bicubic_matrix(box[1], box[3], width, out_size)
+    return _apply_bicubic(image, rows, cols)
 
 
 def random_resized_crop(
@@ -202,11 +235,13 @@ def random_flip(key: jax.Array, image: jax.Array) -> jax.Array:
 
 def resize(image: jax.Array, out_size: int) -> jax.Array:
     """Image(s) [..., H, W, C] bicubic-resized to out_size^2 and clipped to [0, 1] (the identity
-    when already that size). Not antialiased, as the reference's tf.image.resize."""
-    if image.shape[-3] == out_size and image.shape[-2] == out_size:
+    when already that size). Not antialiased: TF's bicubic resize, as the reference's."""
+    height, width = image.shape[-3], image.shape[-2]
+    if height == out_size and width == out_size:
         return image
-    shape = (*image.shape[:-3], out_size, out_size, image.shape[-1])
-    return jnp.clip(jax.image.resize(image, shape, method="cubic", antialias=False), 0.0, 1.0)
+    rows = bicubic_matrix(0, height, height, out_size)
+    cols = bicubic_matrix(0, width, width, out_size)
+    return jnp.clip(_apply_bicubic(image, rows, cols), 0.0, 1.0)
 
 
 def center_crop(image: jax.Array, out_size: int, crop_proportion: float = CROP_PROPORTION):

@@ -39,7 +39,14 @@ class CheckpointMismatchError(ValueError):
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A checkpoint's values do not match the digest saved with them, or are not finite."""
+    """A checkpoint's values do not match the digest saved with them, or are not finite.
+
+    `problem` says what is wrong without saying where (the warning that skips a step names it).
+    """
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 def absolute_path(path: epath.PathLike) -> epath.Path:
@@ -52,8 +59,8 @@ class CheckpointManager:
     """Saves and restores a TrainState under `workdir/checkpoints`, keeping the newest `keep`.
 
     `save_every` is orbax's save interval: `save(step, ...)` writes only when `step` is a
-    multiple of it, when it is the run's first checkpoint, on a preemption signal, or with
-    `force=True`. Saves are asynchronous; call `wait()` before reading the
+    multiple of it, when it is the run's first checkpoint, or with `force=True` (the step loop
+    forces its saves, a stop's included). Saves are asynchronous; call `wait()` before reading the
     files and `close()` at the end. Every process must call `save`/`restore` (orbax coordinates).
     Only the run that holds the workdir lock may open one: opening deletes unfinished
     (`*.orbax-checkpoint-tmp`) steps, which in a live run are its save in progress. Anything else
@@ -76,7 +83,7 @@ class CheckpointManager:
         # orbax wants absolute paths; a relative workdir is relative to where the run started.
         self.directory = absolute_path(workdir) / "checkpoints"
         self._config = None if config is None else config_to_json_dict(config)
-        self._manager = ocp.CheckpointManager(
+        self._manager = _LoopDecidesStops(
             self.directory,
             item_handlers={
                 STATE: ocp.StandardCheckpointHandler(),
@@ -170,6 +177,15 @@ class CheckpointManager:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class _LoopDecidesStops(ocp.CheckpointManager):
+    """orbax's manager without its own look at JAX's preemption service: the step loop decides
+    when a stop saves (train/preemption.py), and orbax's finalize thread would report the saved
+    (older) step to the service, which picks its stop step from the steps reported last."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
 
 
 def restore_weights(
@@ -317,7 +333,8 @@ def _verified(manager: ocp.CheckpointManager, step: int, restored: Any) -> Any:
         digest = manager.restore(step, args=args)[DIGEST]
     problem = verify.problems(restored, digest)
     if problem:
-        raise CorruptCheckpointError(f"checkpoint step {step} in {manager.directory}: {problem}")
+        where = f"checkpoint step {step} in {manager.directory}"
+        raise CorruptCheckpointError(f"{where}: {problem}", problem)
     return restored
 
 
@@ -328,10 +345,19 @@ def _all_processes_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _one_line(error: BaseException | None, limit: int = 300) -> str:
+def _cause(error: BaseException | None, directory: epath.Path, limit: int = 300) -> str:
+    """Why a step could not be used, in one line: our own finding, or the innermost cause of a read
+    error (TensorStore's outer error holds a many-line repr of the store), paths in `directory`
+    shortened to their step folder."""
     if error is None:
         return "unreadable or unverified on another process"
-    text = " ".join(f"{type(error).__name__}: {error}".split())
+    if isinstance(error, CorruptCheckpointError):
+        text = error.problem
+    else:
+        while (inner := error.__cause__ or error.__context__) is not None:
+            error = inner
+        text = str(error) or type(error).__name__
+    text = " ".join(text.replace(f"{directory}/", "").split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -353,9 +379,9 @@ def _restore_with_fallback(
         except (CheckpointMismatchError, CorruptCheckpointError):
             raise
         except Exception as error:  # noqa: BLE001 - a read error: say which step, keep the cause
-            raise CorruptCheckpointError(
-                f"checkpoint step {step} in {manager.directory} is unreadable: {_one_line(error)}"
-            ) from error
+            where = f"checkpoint step {step} in {manager.directory}"
+            problem = f"unreadable ({_cause(error, manager.directory)})"
+            raise CorruptCheckpointError(f"{where} is {problem}", problem) from error
     steps: Iterable[int] = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoints in {manager.directory}")
@@ -374,14 +400,14 @@ def _restore_with_fallback(
             logging.warning(
                 "checkpoint step %d is unreadable or corrupt (%s); trying an older one",
                 at,
-                _one_line(error),
+                _cause(error, manager.directory),
             )
         else:
             aside = set_aside(at)
             logging.warning(
                 "checkpoint step %d is unreadable or corrupt (%s); moved to %s; trying an older one",
                 at,
-                _one_line(error),
+                _cause(error, manager.directory),
                 aside,
             )
     raise RuntimeError(

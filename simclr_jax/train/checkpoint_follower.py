@@ -26,10 +26,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from simclr_jax.train import checkpoint, metrics
-from simclr_jax.train.workdir_lock import WorkdirLock
+from simclr_jax.train.workdir_lock import WorkdirLock, make_folder
 
 EVAL_DIR = "eval"
 _NOTHING, _STOP = -1, -2
+_RELIST_TRIES = 10
 
 
 def evaluated_steps(eval_dir: epath.PathLike) -> set[int]:
@@ -60,7 +61,14 @@ class _Checkpoints:
             if not self.directory.is_dir():
                 return []
             self._manager = checkpoint.read_only_manager(self.directory)
-        self._manager.reload()
+        for _ in range(_RELIST_TRIES):
+            try:
+                self._manager.reload()
+                break
+            except FileNotFoundError:  # retention deleted a step while orbax read the listing
+                continue
+        else:
+            self._manager.reload()
         return sorted(self._manager.all_steps())
 
     def close(self) -> None:
@@ -74,6 +82,54 @@ def _broadcast(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+class _MissedSteps:
+    """Checkpoints the training run saved that the job never read, each named once in a warning.
+
+    Saved steps are the ones the job saw listed and, with `every` (the run's
+    checkpoint_every_steps), every multiple of it below the newest listed step: retention may
+    delete those before the job first looks. A step saved off that grid (at a stop) and deleted
+    before the job saw it listed is not known here.
+    """
+
+    def __init__(self, workdir: epath.PathLike, every: int, keep: int | None):
+        self.workdir, self.every, self.keep = workdir, every, keep
+        self.seen: set[int] = set()
+        self.reported: set[int] = set()
+
+    def check(self, listed: list[int], read: set[int]) -> None:
+        """`listed`: the steps there now; `read`: the steps evaluated or found unreadable."""
+        self.seen.update(listed)
+        saved = set(self.seen)
+        if self.every > 0 and listed:
+            saved.update(range(self.every, max(listed), self.every))
+        missed = sorted(saved - set(listed) - read - self.reported)
+        if missed:
+            self.reported.update(missed)
+            kept = f"keep_checkpoints={self.keep}" if self.keep else "keep_checkpoints"
+            logging.warning(
+                "not evaluated: checkpoint steps %s of %s were deleted by the run's retention (%s) "
+                "before this job read them; start the job with the run, or keep more checkpoints",
+                _listed(missed), self.workdir, kept,
+            )  # fmt: skip
+
+
+def _listed(steps: list[int]) -> str:
+    """'4, 7' or, for 3 or more steps a fixed distance apart, '10-90 every 10' or '3-5' (sorted)."""
+    parts, i = [], 0
+    while i < len(steps):
+        j = i + 1
+        while j + 1 < len(steps) and steps[j + 1] - steps[j] == steps[i + 1] - steps[i]:
+            j += 1
+        if j - i >= 2:
+            gap = steps[i + 1] - steps[i]
+            parts.append(f"{steps[i]}-{steps[j]}" + (f" every {gap}" if gap > 1 else ""))
+            i = j + 1
+        else:
+            parts.append(str(steps[i]))
+            i += 1
+    return ", ".join(parts)
+
+
 def run(
     workdir: epath.PathLike,
     evaluate_step: Callable[[int], dict[str, Any]],
@@ -82,18 +138,22 @@ def run(
     poll_s: float = 30.0,
     timeout_s: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    checkpoint_every: int = 0,
+    keep: int | None = None,
 ) -> dict[str, Any]:
     """Evaluates every new checkpoint of `workdir` until `final_step` is done; returns the last.
 
     `evaluate_step(step)` restores that step and returns its metrics. Steps that appear while
-    an older one is evaluated are taken oldest first; a step deleted by checkpoint retention
-    before its turn, or one that does not verify, is skipped with a log line. With `timeout_s`,
-    the job also stops when no new checkpoint has appeared for that long (a run that died).
+    an older one is evaluated are taken oldest first; one that does not verify is skipped with a
+    log line, and the steps retention deleted before the job read them are named in a warning
+    (_MissedSteps; `checkpoint_every` and `keep` are the run's checkpoint_every_steps and
+    keep_checkpoints). With `timeout_s`, the job also stops when no new checkpoint has appeared
+    for that long (a run that died).
     """
     eval_dir = epath.Path(workdir) / EVAL_DIR
     is_main = jax.process_index() == 0
     if is_main:
-        eval_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(eval_dir)
     with contextlib.ExitStack() as stack:
         stack.enter_context(WorkdirLock(eval_dir))
         checkpoints = _Checkpoints(workdir)
@@ -102,6 +162,7 @@ def run(
         stack.callback(writer.close)
         done = evaluated_steps(eval_dir)
         skipped: set[int] = set()
+        missed = _MissedSteps(workdir, checkpoint_every, keep)
         results = _read_results(eval_dir)
         last_news = time.monotonic()
         logging.info(
@@ -111,17 +172,10 @@ def run(
         while True:
             step = _NOTHING
             if is_main:
-                pending = [s for s in checkpoints.steps() if s not in done | skipped]
-                if pending:
-                    step = pending[0]
-                elif max(done, default=-1) >= final_step:
-                    step = _STOP
-                elif timeout_s is not None and time.monotonic() - last_news > timeout_s:
-                    logging.warning(
-                        "no new checkpoint in %s for %.0f s; stopping before step %d",
-                        workdir, timeout_s, final_step,
-                    )  # fmt: skip
-                    step = _STOP
+                listed = checkpoints.steps()
+                missed.check(listed, done | skipped)
+                waited_s = time.monotonic() - last_news
+                step = _next_step(listed, done, skipped, final_step, waited_s, timeout_s)
             step = _broadcast(step)
             if step == _STOP:
                 break
@@ -131,7 +185,8 @@ def run(
             last_news = time.monotonic()
             values = _evaluate(evaluate_step, step, checkpoints.directory)
             if values is None:
-                skipped.add(step)
+                if (checkpoints.directory / str(step)).exists():
+                    skipped.add(step)  # unreadable; else deleted meanwhile: _MissedSteps names it
                 continue
             writer.write_scalars(step, values)
             writer.flush()
@@ -141,15 +196,41 @@ def run(
     return results
 
 
+def _next_step(listed, done, skipped, final_step: int, waited_s: float, timeout_s) -> int:
+    """The oldest step not read yet, or _STOP (the final step is done, or the wait timed out),
+    or _NOTHING (poll again)."""
+    pending = [s for s in listed if s not in done | skipped]
+    if pending:
+        return pending[0]
+    if max(done, default=-1) >= final_step:
+        return _STOP
+    if timeout_s is not None and waited_s > timeout_s:
+        logging.warning(
+            "no new checkpoint for %.0f s; stopping before step %d", timeout_s, final_step
+        )
+        return _STOP
+    return _NOTHING
+
+
 def _evaluate(evaluate_step, step: int, directory: epath.Path) -> dict[str, Any] | None:
+    """The step's metrics, or None: unreadable (said, and its folder stays) or deleted by the
+    run's retention while it was read (its folder goes within a moment; said by _MissedSteps)."""
     try:
         return evaluate_step(step)
     except checkpoint.CorruptCheckpointError as error:
-        if (directory / str(step)).exists():
+        if _stays(directory / str(step)):
             logging.warning("skipping step %d: %s", step, " ".join(str(error).split()))
-        else:
-            logging.info("step %d was deleted (checkpoint retention) before its turn", step)
     return None
+
+
+def _stays(path: epath.Path, grace_s: float = 2.0) -> bool:
+    """Whether `path` still exists after `grace_s` (a deletion in progress ends well within)."""
+    deadline = time.monotonic() + grace_s
+    while path.exists():
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _read_results(eval_dir: epath.Path) -> dict[str, Any]:

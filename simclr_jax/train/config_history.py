@@ -14,6 +14,7 @@ Every field not listed as free counts as altering, so a field added later is saf
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Mapping
@@ -97,29 +98,47 @@ def check_resume(
     if not changes:
         return {}
     altering = {path: change for path, change in changes.items() if not is_free(path)}
+    history = epath.Path(workdir) / HISTORY_FILE
     if altering and not accept:
-        listed = "; ".join(f"{path} {old!r} -> {new!r}" for path, (old, new) in altering.items())
         raise ConfigChangedError(
             f"the config differs from the one {workdir} was trained with up to step {step}: "
-            f"{listed}. This changes the run; to continue with the new values on purpose rerun "
-            f"with {ACCEPT_FLAG} (recorded in {epath.Path(workdir) / HISTORY_FILE}), or give a "
-            "new --workdir to start another run"
+            f"{_listed(altering)}. This changes the run; to continue with the new values on "
+            f"purpose rerun with {ACCEPT_FLAG} (recorded in {history}), or give a new --workdir "
+            "to start another run"
         )
+    if altering:
+        logging.warning(
+            "resuming %s at step %d with config changes accepted by %s: %s (recorded in %s)",
+            workdir, step, ACCEPT_FLAG, _listed(altering), history,
+        )  # fmt: skip
+    free = {path: change for path, change in changes.items() if path not in altering}
+    if free:
+        logging.info(
+            "resuming %s at step %d with changes that leave the run as it was: %s (recorded in %s)",
+            workdir, step, _listed(free), history,
+        )  # fmt: skip
     if jax.process_index() == 0 if is_main is None else is_main:
-        record = {
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "host": socket.gethostname(),
-            "resumed_at_step": int(step),
-            "accepted": sorted(altering),
-            "changes": {path: list(change) for path, change in changes.items()},
-        }
-        # Rewritten whole (object stores cannot append); a few lines per resume at most.
-        path = epath.Path(workdir) / HISTORY_FILE
-        text = path.read_text() if path.exists() else ""
-        tmp = path.parent / f".{HISTORY_FILE}.tmp"
-        tmp.write_text(text + json.dumps(record, default=str) + "\n")
-        tmp.replace(path)
+        _append(history, step, sorted(altering), changes)
     return changes
+
+
+def _append(history: epath.Path, step: int, accepted: list[str], changes: Mapping) -> None:
+    """One JSON line more; the file is rewritten whole (object stores cannot append)."""
+    record = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": socket.gethostname(),
+        "resumed_at_step": int(step),
+        "accepted": accepted,
+        "changes": {path: list(change) for path, change in changes.items()},
+    }
+    text = history.read_text() if history.exists() else ""
+    tmp = history.parent / f".{HISTORY_FILE}.tmp"
+    tmp.write_text(text + json.dumps(record, default=str) + "\n")
+    tmp.replace(history)
+
+
+def _listed(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{path} {old!r} -> {new!r}" for path, (old, new) in changes.items())
 
 
 def read_history(workdir: epath.PathLike) -> list[dict[str, Any]]:

@@ -95,6 +95,9 @@ def run(
 
 def _run(config, workdir, dp, stage, ckpt, exits, stop_at_step) -> dict[str, Any]:
     """Restore or initialise, then the loop; the results of this run's last step."""
+    # Stop requests count from here: one during the restore or the compilation ends the run
+    # after its first step, on every process.
+    stops = exits.enter_context(preemption.StopRequests())
     state = _restore_or_initialise(ckpt, stage, workdir)
     start_step = int(state.step)
     if start_step >= stage.schedule.total_steps:
@@ -105,7 +108,7 @@ def _run(config, workdir, dp, stage, ckpt, exits, stop_at_step) -> dict[str, Any
     metrics.drop_steps_after(workdir, start_step)
     state = dp.replicate(state)
     metrics.write_config(workdir, config)
-    stops = exits.enter_context(preemption.StopRequests(start_step))
+    stops.start(start_step)
     writer = metrics.create_writer(
         workdir,
         is_main=jax.process_index() == 0,

@@ -60,6 +60,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_folder(folder: epath.PathLike) -> None:
+    """Raises a one-line error if `folder`, or the nearest of its parents that exists, is a file
+    (on a local disk; in a bucket, `folder` itself)."""
+    folder = epath.Path(folder)
+    remote = "://" in os.fspath(folder)
+    for path in (folder,) if remote else (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "it" if path == folder else path
+                raise NotADirectoryError(
+                    f"{folder} must be a folder (--workdir names a run's folder, new or "
+                    f"existing), but {what} is a file"
+                )
+            return
+
+
+def make_folder(folder: epath.Path) -> None:
+    """Creates `folder` and its parents (check_folder first)."""
+    check_folder(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def _describe(holder: dict[str, Any]) -> str:
     age = time.time() - float(holder.get("heartbeat", 0))
     return (
@@ -169,7 +191,7 @@ class WorkdirLock:
         return time.time() - float(holder.get("heartbeat", 0)) < self.stale_after_s
 
     def _acquire_here(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         for _ in range(5):
             if self._create():
                 break

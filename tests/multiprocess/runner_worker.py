@@ -8,6 +8,9 @@ trained by momentum SGD with gradients averaged over replicas (train/update.aver
 batches gathered on device from the step number (data/pipeline.DeviceResidentData). Each step
 also waits STEP_SECONDS on the host, so a run lasts long enough to be interrupted mid-way. At the
 end the process writes WORKDIR/result.<process>.json: the step it ended at and whether it stopped.
+
+--hold_start_up: a resumed run writes WORKDIR/starting.<process> before its restore and waits
+there until WORKDIR/go exists, so a test can send a signal during the start-up.
 """
 
 import argparse
@@ -25,7 +28,19 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=pathlib.Path)
     parser.add_argument("--num_steps", type=int, default=150)
+    parser.add_argument("--stop_at_step", type=int, default=None)
+    parser.add_argument("--hold_start_up", action="store_true")
     return parser.parse_args()
+
+
+def hold_start_up(workdir: pathlib.Path, process: int, limit_s: float = 300.0) -> None:
+    """Says this process is starting up, then waits for the test's go (see the module doc)."""
+    (workdir / f"starting.{process}").write_text("")
+    deadline = time.monotonic() + limit_s
+    while not (workdir / "go").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {workdir / 'go'} within {limit_s} s")
+        time.sleep(0.02)
 
 
 def config(num_steps: int):
@@ -40,7 +55,8 @@ def config(num_steps: int):
     )  # fmt: skip
 
 
-def stage(num_steps: int, mesh):
+def stage(num_steps: int, mesh, hold_in: pathlib.Path | None = None):
+    import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -63,6 +79,8 @@ def stage(num_steps: int, mesh):
     schedule = optim.TrainSchedule(EXAMPLES // BATCH, num_steps, 0, 0.05)
 
     def init_state(resuming: bool) -> TrainState:
+        if resuming and hold_in is not None:
+            hold_start_up(hold_in, jax.process_index())
         params = {"w": jnp.zeros((SIZE * SIZE, CLASSES)), "b": jnp.zeros((CLASSES,))}
         tx = optax.sgd(schedule.learning_rate(), momentum=0.9)
         return TrainState.create(params=params, batch_stats={}, tx=tx)
@@ -99,8 +117,13 @@ def main():
     from simclr_jax.train import runner
 
     dp = parallel.DataParallel(parallel.make_mesh())
+    hold_in = args.workdir if args.hold_start_up else None
     results = runner.run(
-        config(args.num_steps), str(args.workdir), dp, stage(args.num_steps, dp.mesh)
+        config(args.num_steps),
+        str(args.workdir),
+        dp,
+        stage(args.num_steps, dp.mesh, hold_in),
+        stop_at_step=args.stop_at_step,
     )
     out = args.workdir / f"result.{jax.process_index()}.json"
     out.write_text(json.dumps({k: results.get(k) for k in ("step", "preempted_at_step")}))

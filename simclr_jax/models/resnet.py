@@ -249,7 +249,7 @@ class Stem(nn.Module):
                 x
             )
             x = nn.relu(self.norm(name="bn1")(x))
-        return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
 
 
 class BlockGroup(nn.Module):

@@ -184,7 +184,10 @@ def _verbose() -> bool:
 
 def _program() -> str:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return spec.name if spec is not None else os.path.basename(sys.argv[0])
+    # A package run with -m (python -m simclr_jax.export) is named without its __main__.
+    return (
+        spec.name.removesuffix(".__main__") if spec is not None else os.path.basename(sys.argv[0])
+    )
 
 
 def _fail(message: str) -> None:

@@ -29,10 +29,14 @@ class Exported:
 
 
 def _require(module: str, why: str, hint: str) -> None:
-    import importlib.util
+    import importlib
 
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{why} needs the {module} package, which is not installed: {hint}")
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"{why} needs the {module} package, which is not installed: {hint}"
+        ) from None
 
 
 def check_dependencies(export_format: str, verify: bool) -> None:
@@ -112,9 +116,7 @@ def _torch_metadata(source: source_lib.ExportSource, output: str, layout: str) -
     return {**metadata, METADATA_KEY: json.dumps(description)}
 
 
-def export_torch(
-    source: source_lib.ExportSource, out: str, output: str, verify: bool
-) -> Exported:
+def export_torch(source: source_lib.ExportSource, out: str, output: str, verify: bool) -> Exported:
     from safetensors.numpy import save_file
 
     arch_lib.check_output(output, source.architecture)
@@ -167,7 +169,9 @@ def _check_torchvision(out: str, source, output: str, with_fc: bool) -> float:
 
     from simclr_jax.export import torch_model
 
-    model = torchvision_resnet(torchvision, source.architecture["depth"], source.architecture["num_classes"])
+    model = torchvision_resnet(
+        torchvision, source.architecture["depth"], source.architecture["num_classes"]
+    )
     if not with_fc:
         model.fc = torch.nn.Identity()
     model.load_state_dict(load_file(out), strict=True)
@@ -182,4 +186,3 @@ def torchvision_resnet(torchvision, depth: int, num_classes: int):
 
         return ResNet(Bottleneck, list(arch_lib.BLOCKS_PER_GROUP[200]), num_classes=num_classes)
     return getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes)
-

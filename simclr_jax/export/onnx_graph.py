@@ -56,7 +56,9 @@ class OnnxOps:
         return names[0] if outputs == 1 else names
 
     def has(self, path: str) -> bool:
-        return any(key.startswith((f"params/{path}/", f"batch_stats/{path}/")) for key in self.weights)
+        return any(
+            key.startswith((f"params/{path}/", f"batch_stats/{path}/")) for key in self.weights
+        )
 
     def conv(self, path: str, x: str, stride: int = 1) -> str:
         kernel = self.weights[f"params/{path}/kernel"]  # HWIO
@@ -65,7 +67,12 @@ class OnnxOps:
         if f"params/{path}/bias" in self.weights:
             inputs.append(self.constant(f"{path}/bias", self.weights[f"params/{path}/bias"]))
         height, width = self.sizes[x]
-        pads = [(kh - 1) // 2, (kw - 1) // 2, kh // 2, kw // 2]  # TF fixed: [top, left, bottom, right]
+        pads = [
+            (kh - 1) // 2,
+            (kw - 1) // 2,
+            kh // 2,
+            kw // 2,
+        ]  # TF fixed: [top, left, bottom, right]
         size = ((height - 1) // stride + 1, (width - 1) // stride + 1)
         return self.node(
             "Conv", inputs, path, size, kernel_shape=[kh, kw], strides=[stride] * 2, pads=pads
@@ -87,10 +94,16 @@ class OnnxOps:
         return self.node("BatchNormalization", inputs, path, epsilon=self.epsilon)
 
     def dense(self, path: str, x: str) -> str:
-        y = self.node("MatMul", [x, self.constant(f"{path}/kernel", self.weights[f"params/{path}/kernel"])], path)
+        y = self.node(
+            "MatMul",
+            [x, self.constant(f"{path}/kernel", self.weights[f"params/{path}/kernel"])],
+            path,
+        )
         if f"params/{path}/bias" not in self.weights:
             return y
-        return self.node("Add", [y, self.constant(f"{path}/bias", self.weights[f"params/{path}/bias"])], path)
+        return self.node(
+            "Add", [y, self.constant(f"{path}/bias", self.weights[f"params/{path}/bias"])], path
+        )
 
     def relu(self, x: str) -> str:
         return self.node("Relu", [x], "relu")
@@ -129,7 +142,9 @@ class OnnxOps:
     def edge_pad(self, x: str, bottom: int, right: int) -> str:
         pads = self.constant("edge_pads", np.asarray([0, 0, 0, 0, 0, 0, bottom, right], np.int64))
         height, width = self.sizes[x]
-        return self.node("Pad", [x, pads], "edge_pad", (height + bottom, width + right), mode="edge")
+        return self.node(
+            "Pad", [x, pads], "edge_pad", (height + bottom, width + right), mode="edge"
+        )
 
     def mean_hw(self, x: str, keepdims: bool) -> str:
         axes = self.constant("hw_axes", np.asarray([2, 3], np.int64))
@@ -147,13 +162,18 @@ class OnnxOps:
         axis = self.constant("axis0", np.asarray([0], np.int64))
         stacked = self.node(
             "Concat",
-            [self.node("Unsqueeze", [a, axis], "unsqueeze"), self.node("Unsqueeze", [b, axis], "unsqueeze")],
+            [
+                self.node("Unsqueeze", [a, axis], "unsqueeze"),
+                self.node("Unsqueeze", [b, axis], "unsqueeze"),
+            ],
             "stack",
             axis=0,
         )
         weights = self.node("Softmax", [stacked], "softmax", axis=0)
         first, second = self.node("Split", [weights], "split", outputs=2, axis=0, num_outputs=2)
-        return self.node("Squeeze", [first, axis], "squeeze"), self.node("Squeeze", [second, axis], "squeeze")
+        return self.node("Squeeze", [first, axis], "squeeze"), self.node(
+            "Squeeze", [second, axis], "squeeze"
+        )
 
 
 def output_width(
@@ -186,15 +206,25 @@ def build_onnx(
     arch_lib.check_output(output, architecture)
     ops = OnnxOps(weights, architecture["bn_epsilon"])
     ops._names.add(INPUT_NAME)
-    nchw = ops.node("Transpose", [INPUT_NAME], "to_nchw", (image_size, image_size), perm=[0, 3, 1, 2])
+    nchw = ops.node(
+        "Transpose", [INPUT_NAME], "to_nchw", (image_size, image_size), perm=[0, 3, 1, 2]
+    )
     result = arch_lib.forward(ops, architecture, nchw, [output])[output]
     ops.nodes.append(helper.make_node("Identity", [result], [output], name=f"{output}_out"))
     batch_dim = "batch" if batch is None else batch
     graph = helper.make_graph(
         ops.nodes,
         "simclr_jax",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch_dim, image_size, image_size, channels])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch_dim, output_width(architecture, weights, output)])],
+        [
+            helper.make_tensor_value_info(
+                INPUT_NAME, TensorProto.FLOAT, [batch_dim, image_size, image_size, channels]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                output, TensorProto.FLOAT, [batch_dim, output_width(architecture, weights, output)]
+            )
+        ],
         initializer=ops.initializers,
     )
     model = helper.make_model(
@@ -218,4 +248,3 @@ def save(model: onnx.ModelProto, path: str) -> list[str]:
     )
     onnx.checker.check_model(path, full_check=True)
     return [path, data] if large else [path]
-

@@ -95,7 +95,9 @@ def read_source(workdir: str, image_size: int | None = None) -> ExportSource:
     size = run.image_size if image_size is None else image_size
     minimum = total_stride(model.cifar_stem) if model.backbone == "resnet" else convnet.TOTAL_STRIDE
     if isinstance(size, bool) or not isinstance(size, int) or size < minimum:
-        raise ValueError(f"--image_size must be an integer >= {minimum} for this network, got {size}")
+        raise ValueError(
+            f"--image_size must be an integer >= {minimum} for this network, got {size}"
+        )
     variables = saved_run.restore_variables(run, model)
     flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
     weights = {path: np.asarray(value, np.float32) for path, value in flat.items()}
@@ -145,4 +147,3 @@ def check_parity(
 def weights_summary(weights: Mapping[str, np.ndarray]) -> int:
     """Number of parameters (batch statistics excluded)."""
     return sum(v.size for k, v in weights.items() if k.startswith("params/"))
-

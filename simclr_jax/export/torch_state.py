@@ -29,7 +29,9 @@ _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "
 def torch_state(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """torch_model.SimCLRNet's state dict, from {'params/a/b/kernel': array, ...}."""
     state: dict[str, np.ndarray] = {}
-    norms = {key.rsplit("/", 1)[0].split("/", 1)[1] for key in weights if key.startswith("batch_stats/")}
+    norms = {
+        key.rsplit("/", 1)[0].split("/", 1)[1] for key in weights if key.startswith("batch_stats/")
+    }
     for key, value in weights.items():
         _, path, leaf = _split(key)
         layer = path.replace("/", ".")

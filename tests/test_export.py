@@ -11,11 +11,11 @@ import os
 import subprocess
 import sys
 
+import export_cases
 import numpy as np
 import onnx
 import pytest
 
-import export_cases
 from simclr_jax.data import fashion_mnist
 from simclr_jax.export import architecture, exporters
 from simclr_jax.export import source as source_lib

@@ -9,10 +9,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from simclr_jax.export import METADATA_KEY
+from simclr_jax.export import METADATA_KEY, torch_state
 from simclr_jax.export import architecture as arch_lib
 from simclr_jax.export import source as source_lib
-from simclr_jax.export import torch_state
 
 FORMATS = ("onnx", "torch", "torchvision")
 EXTRAS_HINT = "pip install 'simclr_jax[export]'"

@@ -25,8 +25,8 @@ from simclr_jax.train import checkpoint, metrics
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "official"
 
-# name -> (config.model fields, image size, channels). Tiny widths keep the tests fast; the
-# official cases below are the real-width ones.
+# name -> (config.model fields, image size, channels). Tiny widths keep the tests fast; r50_1x
+# and the official cases below are real-width ones.
 CASES = {
     "r18": (dict(depth=18, base_width=8, cifar_stem=False), 64, 3),
     "r50": (dict(depth=50, base_width=8, cifar_stem=False), 64, 3),
@@ -38,20 +38,33 @@ CASES = {
         3,
     ),
     "convnet": (dict(backbone="convnet", depth=5, base_width=8), 28, 1),
+    # a plain 1x ResNet-50 (what torchvision's resnet50 holds)
+    "r50_1x": (dict(depth=50, base_width=64, cifar_stem=False), 64, 3),
 }
+TINY = ("r18", "r50", "r50_sk", "r18_cifar_se", "convnet")
 
 
-def perturbed(variables, seed: int):
-    """Every leaf moved by N(0, 0.2); BatchNorm variances kept positive."""
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    moved = [
-        np.asarray(leaf + 0.2 * jax.random.normal(key, leaf.shape))
-        for leaf, key in zip(leaves, keys, strict=True)
+def perturbed(model, variables, images: np.ndarray, seed: int):
+    """Every parameter moved by N(0, 0.2), then the BatchNorm statistics measured on `images`
+    (as training leaves them, so activations neither die nor explode) and moved by a few percent
+    (so they are not exactly the batch's)."""
+    leaves, tree = jax.tree.flatten(variables["params"])
+    keys = jax.random.split(jax.random.key(seed), len(leaves) + 1)
+    params = jax.tree.unflatten(
+        tree, [leaf + 0.2 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    )
+    measure = model.clone(bn_momentum=0.0)  # running statistics := this batch's
+    _, updated = jax.jit(
+        lambda p, b, x: measure.apply(
+            {"params": p, "batch_stats": b}, x, train=True, mutable=["batch_stats"]
+        )
+    )(params, variables["batch_stats"], images)
+    stats, stats_tree = jax.tree.flatten(updated["batch_stats"])
+    noise = jax.random.split(keys[-1], len(stats))
+    stats = [
+        s * jax.random.uniform(k, s.shape, minval=0.9, maxval=1.1) for s, k in zip(stats, noise)
     ]
-    result = jax.tree.unflatten(tree, moved)
-    result["batch_stats"] = jax.tree.map(lambda v: np.abs(v) + 0.5, result["batch_stats"])
-    return result
+    return jax.device_get({"params": params, "batch_stats": jax.tree.unflatten(stats_tree, stats)})
 
 
 def write_workdir(root: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:
@@ -61,10 +74,18 @@ def write_workdir(root: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:
     config.dataset.image_size = image_size
     for field, value in fields.items():
         config.model[field] = value
-    model = build_model(config.model, num_classes=10, image_size=image_size)
-    variables = perturbed(
-        init_variables(model, seed=seed, image_size=image_size, channels=channels), seed
+    # With the online probe's input BatchNorm, as pretraining builds it (pretrain.py).
+    model = build_model(
+        config.model, num_classes=10, image_size=image_size, classifier_input_norm=True
     )
+    variables = init_variables(model, seed=seed, image_size=image_size, channels=channels)
+    calibration = np.concatenate(
+        [
+            real_images(image_size, channels, count=16),
+            np.random.default_rng(seed).uniform(0, 1, (16, image_size, image_size, channels)),
+        ]
+    ).astype(np.float32)
+    variables = perturbed(model, variables, calibration, seed)
     workdir = root / name
     state = {"step": np.asarray(7, np.int32), **variables}
     with checkpoint.CheckpointManager(workdir, keep=1, config=config, async_save=False) as manager:

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from simclr_jax.data import fashion_mnist
-from simclr_jax.export import architecture, exporters
+from simclr_jax.export import architecture, exporters, torch_state
 from simclr_jax.export import source as source_lib
 
 TOLERANCE = 1e-4  # max |export - JAX| / max |JAX|; a correct export measures ~1e-6
@@ -34,15 +34,16 @@ def workdir(tmp_path_factory):
     return functools.cache(lambda name: export_cases.write_workdir(root, name))
 
 
-def assert_close(found: np.ndarray, expected: np.ndarray, what: str) -> None:
+def assert_close(found: np.ndarray, expected: np.ndarray, what: str, spread: float = 1e-2) -> None:
     assert found.shape == expected.shape, what
-    assert np.std(expected) > 1e-3, what  # a real signal, not a constant
+    # The output depends on the image (a network that ignores its input would hide errors).
+    assert np.max(np.std(expected, axis=0)) > spread * np.max(np.abs(expected)), what
     difference = source_lib.relative_difference(found, expected)
     assert difference <= TOLERANCE, (what, difference)
 
 
 @needs_data
-@pytest.mark.parametrize("name", list(export_cases.CASES))
+@pytest.mark.parametrize("name", export_cases.TINY)
 def test_onnx_outputs_match_jax_on_random_and_real_images(name, workdir, tmp_path):
     source = source_lib.read_source(str(workdir(name)))
     _, size, channels = export_cases.CASES[name]
@@ -92,7 +93,11 @@ def test_a_wrong_max_pool_padding_fails_the_parity_check(workdir, tmp_path, monk
     """torch's symmetric MaxPool2d(3, 2, padding=1) instead of TF SAME (0 before, 1 after on an
     even side): the export's own check refuses it, and the difference is far beyond 1e-4."""
     source = source_lib.read_source(str(workdir("r18")))  # 64 px: a 32-pixel stem map
-    monkeypatch.setattr(architecture, "same_pads", lambda size, window, stride: (1, 1))
+    same_pads = architecture.same_pads
+    symmetric = lambda size, window, stride: (
+        (1, 1) if window == 3 else same_pads(size, window, stride)
+    )  # noqa: E731
+    monkeypatch.setattr(architecture, "same_pads", symmetric)
     with pytest.raises(RuntimeError, match="differs from the JAX model"):
         exporters.export_onnx(source, str(tmp_path / "wrong.onnx"), "features", None, True)
     exporters.export_onnx(source, str(tmp_path / "wrong.onnx"), "features", None, False)
@@ -120,9 +125,27 @@ def test_official_r50_sk1_exports_with_the_official_outputs(official_sk1, tmp_pa
         path = tmp_path / f"{output}.onnx"
         exporters.export_onnx(source, str(path), output, batch=None, verify=True)
         run = exporters.run_onnx(str(path))
-        assert_close(run(images), official[output], f"{output} vs the official TF1 graph")
+        # The generator's two noise images differ by ~0.4% of the scale at the features.
+        assert_close(run(images), official[output], f"{output} vs TF1", spread=1e-3)
         expected = source.reference(real, [output])[output]
         assert_close(run(real), expected, f"{output} vs JAX, real images")
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("r18", "projection shortcut"),
+        ("r50_sk", "selective kernels"),
+        ("r50", "1x (base width 64)"),
+        ("r18_cifar_se", "squeeze-excitation"),
+        ("convnet", "the convnet"),
+    ],
+)
+def test_torchvision_names_are_refused_where_the_layers_differ(name, reason, workdir):
+    source = source_lib.read_source(str(workdir(name)))
+    assert reason in torch_state.torchvision_refusal(source.architecture)
+    with pytest.raises(ValueError, match="--format=torchvision: .*; use --format=torch"):
+        torch_state.torchvision_state(source.weights, source.architecture)
 
 
 # ----------------------------------------------------------------------------- the command

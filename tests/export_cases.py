@@ -51,7 +51,11 @@ def perturbed(model, variables, images: np.ndarray, seed: int):
     leaves, tree = jax.tree.flatten(variables["params"])
     keys = jax.random.split(jax.random.key(seed), len(leaves) + 1)
     params = jax.tree.unflatten(
-        tree, [leaf + 0.2 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+        tree,
+        [
+            leaf + 0.2 * jax.random.normal(k, leaf.shape)
+            for leaf, k in zip(leaves, keys[:-1], strict=True)
+        ],
     )
     measure = model.clone(bn_momentum=0.0)  # running statistics := this batch's
     _, updated = jax.jit(
@@ -62,7 +66,8 @@ def perturbed(model, variables, images: np.ndarray, seed: int):
     stats, stats_tree = jax.tree.flatten(updated["batch_stats"])
     noise = jax.random.split(keys[-1], len(stats))
     stats = [
-        s * jax.random.uniform(k, s.shape, minval=0.9, maxval=1.1) for s, k in zip(stats, noise)
+        s * jax.random.uniform(k, s.shape, minval=0.9, maxval=1.1)
+        for s, k in zip(stats, noise, strict=True)
     ]
     return jax.device_get({"params": params, "batch_stats": jax.tree.unflatten(stats_tree, stats)})
 

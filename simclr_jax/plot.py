@@ -64,6 +64,10 @@ PANELS = (
     Panel("kNN accuracy", ("knn_top1",), "accuracy (%)", percent=True),
     # Only evaluation names: a 'train/top1' is a training-batch accuracy.
     Panel("Evaluation top-1", ("eval_top1", "top1"), "accuracy (%)", True, ("", "eval/")),
+    # train/collapse.py: spread of the normalised projections (about 1/sqrt(d) healthy, 0
+    # collapsed) and the effective rank of the backbone features.
+    Panel("Projection std (collapse at 0)", ("proj_std",), "std of L2-normalised projection"),
+    Panel("Effective rank of the features", ("effective_rank",), "effective rank"),
 )
 
 

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from simclr_jax.data import augment
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data.arrays import ImageArrays
-from simclr_jax.train import scoring
+from simclr_jax.train import collapse, scoring
 
 Evaluator = Callable[[Any], dict[str, float]]
 
@@ -176,16 +176,17 @@ def pretraining_evaluators(
     from simclr_jax.data import sources
 
     found = exact_evaluators(dp, model, config, data, prefix="eval_probe_")
+    monitors = collapse.collapse_monitors(dp, model, config, data)  # 'proj_std', 'effective_rank'
     bank, queries = data.train_arrays, data.eval_arrays
     if not found or config.knn.k <= 0 or bank is None or queries is None:
-        return found
+        return found + monitors
     if 0 < config.knn.bank_size < len(bank):
         bank = sources.take_label_fraction(bank, config.knn.bank_size / len(bank), seed=config.seed)
     monitor = KnnMonitor(
         dp, model, config.dataset.image_size, bank, queries, batch_size=config.eval_batch_size,
         k=config.knn.k, temperature=config.knn.temperature,
     )  # fmt: skip
-    return [*found, monitor]
+    return [*found, monitor, *monitors]
 
 
 def evaluated_once(evaluator: Evaluator, variables: Any, names: Sequence[str]) -> Evaluator:

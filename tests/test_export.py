@@ -198,3 +198,32 @@ def test_the_command_errors_in_one_line(workdir, tmp_path):
     result = run_cli(f"--workdir={workdir('convnet')}", "--format=torch",
                      f"--out={tmp_path / 'x.safetensors'}", env=env)  # fmt: skip
     assert_one_line_error(result, "torch", "pip install torch", "--noverify")
+
+
+def test_the_torch_file_holds_every_weight_in_torch_layout(workdir, tmp_path):
+    """Read back without PyTorch (safetensors' NumPy reader): kernels OIHW and [out, in], BatchNorm
+    as weight/bias/running_*, the description in the metadata (so this runs in CI too)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    source = source_lib.read_source(str(workdir("r50_sk")))
+    path = tmp_path / "r50_sk.safetensors"
+    exporters.export_torch(source, str(path), "logits", verify=False)
+    stored = load_file(str(path))
+    for key, value in source.weights.items():
+        collection, rest = key.split("/", 1)
+        layer, leaf = rest.rsplit("/", 1)
+        name = layer.replace("/", ".") + "." + {
+            "kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+            "var": "running_var",
+        }[leaf]  # fmt: skip
+        expected = value
+        if leaf == "kernel":
+            expected = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        np.testing.assert_array_equal(stored[name], expected, err_msg=key)
+    assert stored["backbone.stem.bn1.num_batches_tracked"].shape == ()
+    with safe_open(str(path), framework="numpy") as file:
+        described = json.loads(file.metadata()["simclr_jax"])
+    assert described["architecture"] == source.architecture and described["output"] == "logits"

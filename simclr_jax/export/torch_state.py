@@ -46,7 +46,13 @@ def torch_state(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if f"{layer}.weight" in state and f"{layer}.bias" not in state:
             state[f"{layer}.bias"] = np.zeros_like(state[f"{layer}.weight"])
         state[f"{layer}.num_batches_tracked"] = np.zeros((), np.int64)
-    return {key: np.ascontiguousarray(value) for key, value in sorted(state.items())}
+    return c_ordered(state)
+
+
+def c_ordered(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every array in C order, sorted by key: safetensors.numpy writes an array's memory as it is
+    (a transposed view would be saved scrambled); np.ascontiguousarray would turn scalars 1-D."""
+    return {key: np.asarray(state[key], order="C") for key in sorted(state)}
 
 
 def _split(key: str) -> tuple[str, str, str]:
@@ -97,7 +103,7 @@ def torchvision_state(
     with_fc = architecture["selected"] == 0
     if with_fc:
         state["fc.weight"], state["fc.bias"] = _folded_classifier(weights, architecture)
-    return state, with_fc
+    return c_ordered(state), with_fc
 
 
 def _torchvision_name(key: str) -> str | None:

@@ -99,6 +99,7 @@ def draw_map(
     max_points: int = 5000,
     thumbnails: int = 0,
     seed: int = 0,
+    title: str | None = None,
 ) -> tuple[str, Figure]:
     """Write the map of the embedding file at `path` to `out` (default beside it); (out, figure)."""
     if max_points < 2:
@@ -108,7 +109,7 @@ def draw_map(
     if len(rows) > max_points:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_points, replace=False))
     coordinates = reduce_2d(embeddings.vectors[rows], method, seed)
-    title = f"{method.upper() if method == 'pca' else method}: {len(rows):,} {field}"
+    title = title or f"{'PCA' if method == 'pca' else method}: {len(rows):,} rows of {field}"
     figure = map_figure(
         embeddings, coordinates, rows, title=title, thumbnails=thumbnails, seed=seed
     )

@@ -144,6 +144,6 @@ def check_parity(
     return difference
 
 
-def weights_summary(weights: Mapping[str, np.ndarray]) -> int:
+def parameter_count(weights: Mapping[str, np.ndarray]) -> int:
     """Number of parameters (batch statistics excluded)."""
     return sum(v.size for k, v in weights.items() if k.startswith("params/"))

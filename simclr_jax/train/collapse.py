@@ -13,6 +13,7 @@ A warning is logged once per run when proj_std falls below COLLAPSED_FRACTION / 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -23,7 +24,6 @@ from jax.experimental import multihost_utils
 from simclr_jax.data import augment
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data.arrays import ImageArrays
-from simclr_jax.train import evaluators
 
 MAX_IMAGES = 2048  # evaluation images the monitor embeds (the first ones of the split)
 COLLAPSED_FRACTION = 0.1  # proj_std below this fraction of 1/sqrt(d) counts as collapsed
@@ -67,7 +67,7 @@ class CollapseMonitor:
         self.warned = False
 
     def __call__(self, state: Any) -> dict[str, float]:
-        variables = evaluators.model_variables(state)
+        variables = _variables(state)
         chunks = {"projection": [], "features": []}
         batches = data_pipeline.eval_batches(
             self._arrays, global_batch=self._batch_size, mesh=self._mesh
@@ -97,14 +97,24 @@ class CollapseMonitor:
 
 def collapse_monitors(dp: Any, model: Any, config: Any, data: Any) -> list[CollapseMonitor]:
     """[CollapseMonitor] of `data`'s in-memory evaluation images, or [] without them."""
+    monitor, _ = build(
+        dp, model, config.dataset.image_size, data, batch_size=config.eval_batch_size
+    )
+    return [] if monitor is None else [monitor]
+
+
+def build(
+    dp: Any, model: Any, image_size: int, data: Any, *, batch_size: int
+) -> tuple[CollapseMonitor | None, str | None]:
+    """(monitor, None), or (None, why it cannot run on `data`): the shape of an evaluator kind's
+    builder (train/evaluators.py)."""
     if data.eval_arrays is None:
-        return []
-    return [
-        CollapseMonitor(
-            dp,
-            model,
-            config.dataset.image_size,
-            data.eval_arrays,
-            batch_size=config.eval_batch_size,
-        )
-    ]
+        return None, "the collapse monitor needs the eval split in memory"
+    return CollapseMonitor(dp, model, image_size, data.eval_arrays, batch_size=batch_size), None
+
+
+def _variables(state: Any) -> Mapping[str, Any]:
+    """{'params', 'batch_stats'} of a train state; a variables dict as it is."""
+    if isinstance(state, Mapping):
+        return state
+    return {"params": state.params, "batch_stats": state.batch_stats}

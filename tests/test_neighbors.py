@@ -115,3 +115,31 @@ def test_the_command_draws_scores_and_errs_in_one_line(tmp_path):
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("simclr_jax.neighbors: error: ") and message in last, last
     assert not (tmp_path / "x.png").exists()
+
+
+def test_without_thumbnails_the_images_come_from_embeds_paths(tmp_path):
+    """embed's .npz has no thumbnails, but `root` and `paths`: the picture reads those files."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "images" / "sub"
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+        paths.append(f"sub/{i}.png")
+    vectors = rng.normal(size=(6, 8)).astype(np.float32)
+    np.savez(tmp_path / "e.npz", features=vectors, paths=np.asarray(paths),
+             root=np.asarray(str(tmp_path / "images")), image_size=np.asarray(224))  # fmt: skip
+    data = embedding_file.read(str(tmp_path / "e.npz"))
+    thumbnail = data.thumbnail(4)
+    assert thumbnail.dtype == np.uint8 and max(thumbnail.shape[:2]) == embedding_file.THUMBNAIL_SIDE
+    with Image.open(folder / "4.png") as image:
+        image.thumbnail((64, 64))
+        np.testing.assert_array_equal(thumbnail, np.asarray(image.convert("RGB")))
+    scores = neighbors.neighbors(
+        str(tmp_path / "e.npz"), k=3, num_queries=2, out=str(tmp_path / "g.png")
+    )
+    assert scores == {} and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

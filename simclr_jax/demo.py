@@ -15,7 +15,8 @@
 4. Distill the fine-tuned network into a student on the 60,000 training images, labels unread.
 
 It prints one table and writes, under --workdir: summary.json (the keys of SUMMARY_KEYS; accuracies
-as fractions), curves.png (the pretraining curves), label_efficiency.png, and each stage's workdir.
+as fractions), curves.png (the pretraining curves), label_efficiency.png, neighbors.png, map.png,
+retrieval.json and embeddings_test.npz (demo_embedding.py), and each stage's workdir.
 Rerunning resumes or skips finished stages. --sweep adds fine-tuning, scratch and linear rows at
 60, 6,000 and 60,000 labels (sweep.json), which label_efficiency.png then shows too.
 """
@@ -33,7 +34,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from simclr_jax import cli, parallel
+from simclr_jax import cli, demo_embedding, parallel
 from simclr_jax.configs import pretrain_fashion_mnist
 from simclr_jax.train.task_progress import TaskProgress
 
@@ -43,6 +44,7 @@ SWEEP = (0.001, 0.01, 0.1, 1.0)  # --sweep: 60, 600, 6,000 and 60,000 labels
 SUMMARY_KEYS = (
     "linear_simclr_all", "linear_simclr_1pct", "linear_pixels_all", "linear_pixels_1pct",
     "finetune_1pct", "scratch_1pct", "distill_1pct", "knn_simclr", "probe_final",
+    "recall_at_1", "recall_at_5", "recall_at_10", "map_at_r", "embedding_seconds",
     "pretrain_minutes", "total_minutes", "seed",
 )  # fmt: skip
 INSTALL_HINT = (
@@ -234,6 +236,9 @@ def main(argv) -> None:
     knn = scoring.knn_evaluate(
         train_x, splits.train_labels, test_x, splits.test_labels, num_classes=10
     )
+    retrieval, embedding_seconds = demo_embedding.embedding_outputs(
+        out, splits, train_x, test_x, seed
+    )
     num_train = len(splits.train_labels)
     fractions = SWEEP if FLAGS.sweep else (FEW, 1.0)
     counts = {fraction: round(fraction * num_train) for fraction in fractions}
@@ -261,6 +266,9 @@ def main(argv) -> None:
         "distill_1pct": student["eval_top1"],
         "knn_simclr": knn,
         "probe_final": pretrained.get("eval_probe_top1"),
+        **{f"recall_at_{k}": retrieval[f"recall@{k}"] for k in (1, 5, 10)},
+        "map_at_r": retrieval["map@r"],
+        "embedding_seconds": embedding_seconds,
         "pretrain_minutes": pretrain_minutes,
         "total_minutes": (time.time() - started) / 60,
         "seed": seed,
@@ -312,6 +320,10 @@ def print_table(summary, pretrained, few, student, dims: int, counts, test_count
     probe = summary["probe_final"]
     print(f"\nkNN (k=200) on the SimCLR features: {pct(summary['knn_simclr'])}; online probe at "
           f"the end of pretraining: {pct(probe) if probe is not None else 'n/a'}")  # fmt: skip
+    print(f"Retrieval, test images among the training images: recall@1 "
+          f"{pct(summary['recall_at_1'])}, @5 {pct(summary['recall_at_5'])}, @10 "
+          f"{pct(summary['recall_at_10'])}, mAP@R {pct(summary['map_at_r'])} "
+          f"(neighbors.png, map.png, {summary['embedding_seconds']:.0f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":

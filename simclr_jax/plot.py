@@ -1,6 +1,9 @@
-"""Figures: training curves of any workdir, and test accuracy against the number of labels.
+"""Figures: training curves of any workdir, test accuracy against the number of labels, and
+2-D maps of an embedding (embedding_map.py).
 
-    python -m simclr_jax.plot WORKDIR [--out FILE.png]     # default WORKDIR/curves.png
+    python -m simclr_jax.plot --workdir=W [--out=FILE.png]      # default W/curves.png
+    python -m simclr_jax.plot --embedding=E.npz --method=pca|tsne|umap [--out=FILE.png]
+        [--field=features|projection] [--thumbnails=N] [--max_points=5000]
 
 The curves come from the workdir's metrics files (train/metrics.py: one JSON object per line,
 {"step": s, name: value, ...}), the training run's and, when present, the evaluation job's
@@ -13,16 +16,17 @@ matplotlib `Figure` objects (Agg), never through pyplot, so no global backend is
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Mapping, Sequence
 
+from absl import flags
 from etils import epath
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from simclr_jax import cli, embedding_map
+from simclr_jax import embedding_file as files
 from simclr_jax.train import metrics as metrics_lib
 
 EVAL_DIR = "eval"  # the evaluation job's folder inside a workdir (train/checkpoint_follower.py)
@@ -64,6 +68,10 @@ PANELS = (
     Panel("kNN accuracy", ("knn_top1",), "accuracy (%)", percent=True),
     # Only evaluation names: a 'train/top1' is a training-batch accuracy.
     Panel("Evaluation top-1", ("eval_top1", "top1"), "accuracy (%)", True, ("", "eval/")),
+    # train/collapse.py: spread of the normalised projections (about 1/sqrt(d) healthy, 0
+    # collapsed) and the effective rank of the backbone features.
+    Panel("Projection std (collapse at 0)", ("proj_std",), "std of L2-normalised projection"),
+    Panel("Effective rank of the features", ("effective_rank",), "effective rank"),
 )
 
 
@@ -216,23 +224,34 @@ def _save(figure: Figure, out: epath.Path) -> None:
         figure.savefig(f, format="png", dpi=120)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m simclr_jax.plot",
-        description="Training curves of a workdir (loss, probe, kNN, evaluation top-1) as a PNG.",
-    )
-    parser.add_argument("workdir", help="a pretrain / finetune / distill workdir")
-    parser.add_argument("--out", default=None, help=f"PNG to write (default WORKDIR/{CURVES_FILE})")
-    args = parser.parse_args(argv)
-    try:
-        figure = plot_training_curves(args.workdir, args.out)
-    except (NoMetricsError, OSError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
-    out = args.out or epath.Path(args.workdir) / CURVES_FILE
-    print(f"wrote {out}: {', '.join(ax.get_title() for ax in figure.axes)}")
-    return 0
+def main() -> None:
+    """The command line (errors the user can fix in one line: simclr_jax.cli)."""
+    flags.DEFINE_string("workdir", None, "A pretrain / finetune / distill workdir: its curves.")
+    flags.DEFINE_string("embedding", None, "An embedding .npz (embed's, the demo's): its 2-D map.")
+    flags.DEFINE_string("out", None, f"PNG to write (default W/{CURVES_FILE} or E_<method>.png).")
+    flags.DEFINE_enum("method", "tsne", list(embedding_map.METHODS), "Map: the 2-D projection.")
+    flags.DEFINE_enum("field", "features", list(files.FIELDS), "Map: which vectors.")
+    flags.DEFINE_integer("thumbnails", 0, "Map: draw this many images at their points.")
+    flags.DEFINE_integer("max_points", 5000, "Map: a random subset of at most this many rows.")
+
+    def run(argv: list[str]) -> None:
+        del argv
+        values = flags.FLAGS
+        if (values.workdir is None) == (values.embedding is None):
+            raise ValueError("give one of --workdir (training curves) or --embedding (a 2-D map)")
+        if values.embedding is not None:
+            out, _ = embedding_map.draw_map(
+                values.embedding, method=values.method, field=values.field, out=values.out,
+                max_points=values.max_points, thumbnails=values.thumbnails,
+            )  # fmt: skip
+            print(f"wrote {out}")
+            return
+        figure = plot_training_curves(values.workdir, values.out)
+        out = values.out or epath.Path(values.workdir) / CURVES_FILE
+        print(f"wrote {out}: {', '.join(ax.get_title() for ax in figure.axes)}")
+
+    cli.run(run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

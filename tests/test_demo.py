@@ -59,11 +59,50 @@ def test_the_demo_reports_every_number_of_its_summary(demo):
         results = json.loads((workdir / stage / "results.json").read_text())
         assert results["step"] > 0, stage
     # The figures are real PNG files, and the printed table carries the summary's numbers.
-    for figure in ("curves.png", "label_efficiency.png"):
+    for figure in ("curves.png", "label_efficiency.png", "neighbors.png", "map.png"):
         assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
     assert "| raw pixels | 784 |" in stdout and f"test accuracy on {TEST_IMAGES} images" in stdout
     assert f"{100 * summary['linear_pixels_1pct']:.2f}%" in stdout
     assert f"{100 * summary['distill_1pct']:.2f}%" in stdout
+    assert f"mAP@R {100 * summary['map_at_r']:.2f}%" in stdout
+    assert summary["recall_at_1"] <= summary["recall_at_5"] <= summary["recall_at_10"]
+    assert 0 < summary["embedding_seconds"] < 60 * summary["total_minutes"]
+    # The pretraining logged the collapse monitor, and curves.png has its panels.
+    records = (workdir / "pretrain" / "metrics.jsonl").read_text()
+    assert '"proj_std"' in records and '"effective_rank"' in records
+
+
+@needs_data
+def test_the_demo_retrieval_numbers_are_the_brute_force_ones(demo):
+    """retrieval.json is what simclr_jax.neighbors computes on the demo's features (recomputed
+    here as the demo does), and on a subset neighbors' recall@K and mAP@R equal an independent
+    brute-force NumPy computation exactly (float64 similarities, so no rounding tie decides)."""
+    import numpy as np
+    from retrieval_reference import brute_force_scores
+
+    from simclr_jax import demo as demo_module
+    from simclr_jax import neighbors
+
+    workdir, _ = demo
+    reported = json.loads((workdir / "retrieval.json").read_text())
+    train_images, train_labels = fashion_mnist.load("train")
+    stored = np.load(workdir / "embeddings_test.npz")
+    test_x, test_labels = stored["features"], stored["labels"]
+    assert len(test_x) == TEST_IMAGES and stored["thumbnails"].shape == (TEST_IMAGES, 28, 28, 1)
+    train_x = demo_module.embed(str(workdir / "pretrain"), train_images[:TRAIN_IMAGES])
+    again = neighbors.retrieval_scores(train_x, train_labels[:TRAIN_IMAGES], test_x, test_labels)
+    assert {k: reported[k] for k in again} == again
+    subset = slice(0, 200)
+    found = neighbors.retrieval_scores(
+        train_x.astype(np.float64), train_labels[:TRAIN_IMAGES],
+        test_x[subset].astype(np.float64), test_labels[subset],
+    )  # fmt: skip
+    expected = brute_force_scores(
+        train_x, train_labels[:TRAIN_IMAGES], test_x[subset], test_labels[subset]
+    )
+    for key in ("recall@1", "recall@5", "recall@10"):
+        assert found[key] == expected[key], key
+    assert found["map@r"] == pytest.approx(expected["map@r"], abs=1e-12)
 
 
 @needs_data

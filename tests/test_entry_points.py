@@ -13,9 +13,6 @@ from simclr_jax.__main__ import COMMANDS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "simclr_jax"
-# Converted to simclr_jax.cli on another branch (plot.py still uses argparse here, so it exits 2
-# on an unknown flag): drop it from this set once that branch is merged.
-NOT_YET_ON_CLI = {"plot"}
 
 
 def modules_with_a_main() -> set[str]:
@@ -74,8 +71,7 @@ def test_every_command_helps_and_refuses_an_unknown_flag_alike():
     assert "distill_fashion_mnist: self, big_to_small," in text["simclr_jax.distill"]
     assert "pretrain_imagenet" not in text["simclr_jax.finetune"]
 
-    on_cli = [m for m in modules if m.removeprefix("simclr_jax.") not in NOT_YET_ON_CLI]
-    for module, result in run_all("--no_such_flag=1", on_cli).items():
+    for module, result in run_all("--no_such_flag=1", modules).items():
         assert result.returncode == 1, (module, result.returncode, result.stderr[-2000:])
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"{module}: error: ") and "no_such_flag" in last, (module, last)

@@ -55,12 +55,13 @@ def test_pretraining_checkpoints_are_evaluated_once_while_the_run_writes_them(tm
     assert [row["step"] for row in rows] == [3, 6, 9]  # each checkpoint once, then it stopped
     for row in rows:
         assert set(row) == {"step", "eval_probe_top1", "eval_probe_top5", "eval_probe_loss",
-                            "eval_probe_count", "knn_top1"}  # fmt: skip
+                            "eval_probe_count", "knn_top1", "proj_std",
+                            "effective_rank"}  # fmt: skip
         assert row["eval_probe_count"] == 200 and 0 <= row["knn_top1"] <= 1
     # The same numbers as the evaluation inside training at the last step: one builder
     # (train/evaluators.from_config), so the kNN bank is the same class-balanced 100 images.
     trained = json.loads((tmp_path / "results.json").read_text())
-    for name in ("eval_probe_top1", "eval_probe_top5", "eval_probe_count", "knn_top1"):
+    for name in ("eval_probe_top1", "eval_probe_top5", "eval_probe_count", "knn_top1", "proj_std"):
         assert rows[-1][name] == trained[name], name
     assert rows[-1]["eval_probe_loss"] == pytest.approx(trained["eval_probe_loss"], rel=1e-5)
     assert outcome["results"] == rows[-1]

@@ -1,6 +1,7 @@
 """simclr_jax.plot: curves of a real tiny run and of a hand-written metrics file (the real writer's
 format), the label-efficiency figure, and one-line errors for bad input."""
 
+import importlib.util
 import json
 import pathlib
 import struct
@@ -56,7 +57,7 @@ def tiny_run(tmp_path_factory):
 
 def test_cli_plots_a_real_run(tiny_run):
     result = subprocess.run(
-        [sys.executable, "-m", "simclr_jax.plot", str(tiny_run)],
+        [sys.executable, "-m", "simclr_jax.plot", f"--workdir={tiny_run}"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,27 +152,109 @@ def test_label_efficiency_rejects_bad_results(tmp_path, results, message):
     assert not (tmp_path / "x.png").exists()
 
 
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    code = plot.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def run_main(*argv: str) -> tuple[int, str, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_jax.plot", *argv],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    return result.returncode, result.stdout, result.stderr
 
 
-def test_folder_without_metrics_says_so_in_one_line(tmp_path, capsys):
-    code, out, err = run_main(capsys, str(tmp_path))
+def one_line(err: str) -> str:
+    """The command's error line (absl may log a line or two before it)."""
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("simclr_jax.plot: error: "), err
+    return last
+
+
+def test_folder_without_metrics_says_so_in_one_line(tmp_path):
+    code, out, err = run_main(f"--workdir={tmp_path}")
     assert code == 1 and out == ""
-    assert err.count("\n") == 1 and "has no metrics.jsonl" in err and str(tmp_path) in err
-    code, _, err = run_main(capsys, str(tmp_path / "missing"))
-    assert code == 1 and err.count("\n") == 1 and "is not a folder" in err
+    last = one_line(err)
+    assert "has no metrics.jsonl" in last and str(tmp_path) in last
+    code, _, err = run_main(f"--workdir={tmp_path / 'missing'}")
+    assert code == 1 and "is not a folder" in one_line(err)
     assert not (tmp_path / "curves.png").exists()
 
 
-def test_metrics_without_plottable_series_say_so_in_one_line(tmp_path, capsys):
+def test_metrics_without_plottable_series_say_so_in_one_line(tmp_path):
     writer = metrics.JsonlWriter(tmp_path / "metrics.jsonl")
     writer.write_hparams({"batch_size": 32})
     writer.write_scalars(1, {"learning_rate": 0.1, "steps_per_sec": 3.0})
     writer.close()
-    code, out, err = run_main(capsys, str(tmp_path), "--out", str(tmp_path / "c.png"))
-    assert code == 1 and out == "" and err.count("\n") == 1
-    assert "no plottable series" in err and "learning_rate, steps_per_sec" in err
+    code, out, err = run_main(f"--workdir={tmp_path}", f"--out={tmp_path / 'c.png'}")
+    assert code == 1 and out == ""
+    last = one_line(err)
+    assert "no plottable series" in last and "learning_rate, steps_per_sec" in last
     assert not (tmp_path / "c.png").exists()
+
+
+def test_collapse_monitor_series_get_their_panels(tmp_path):
+    writer = metrics.JsonlWriter(tmp_path / "metrics.jsonl")
+    for step in (10, 20):
+        writer.write_scalars(
+            step, {"contrastive_loss": 1.0, "proj_std": 0.08, "effective_rank": 30.0}
+        )
+    writer.close()
+    figure = plot.plot_training_curves(tmp_path)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == [
+        "Contrastive loss",
+        "Projection std (collapse at 0)",
+        "Effective rank of the features",
+    ]
+    assert lines_by_label(figure)["effective_rank"][1].tolist() == [30.0, 30.0]
+
+
+def clustered_embedding(path, n_per_class: int = 60) -> np.ndarray:
+    """Three well-separated classes in 16 dims, with labels, names and thumbnails."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), n_per_class)
+    centers = 5 * np.eye(16)[:3]
+    vectors = centers[labels] + rng.normal(size=(len(labels), 16))
+    thumbnails = (
+        np.repeat((labels * 100)[:, None, None, None], 8, axis=1).repeat(8, 2).astype(np.uint8)
+    )
+    np.savez(path, features=vectors.astype(np.float32), labels=labels,
+             label_names=np.asarray(["a", "b", "c"]), thumbnails=thumbnails)  # fmt: skip
+    return vectors
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_embedding_map_scatters_each_class(tmp_path, method):
+    from simclr_jax import embedding_map
+
+    vectors = clustered_embedding(tmp_path / "e.npz")
+    out, figure = embedding_map.draw_map(str(tmp_path / "e.npz"), method=method, thumbnails=5)
+    assert out == str(tmp_path / f"e_{method}.png") and png_size(tmp_path / f"e_{method}.png")
+    (ax,) = figure.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c"]
+    points = [c.get_offsets() for c in ax.collections]
+    assert [len(p) for p in points] == [60, 60, 60]
+    # The classes stay apart: each class's centre is nearer its own points than the others'.
+    centres = np.array([p.mean(0) for p in points])
+    for c, p in enumerate(points):
+        distances = np.linalg.norm(p[:, None] - centres[None], axis=-1)
+        assert (distances.argmin(1) == c).mean() > 0.95
+    if method == "pca":  # against NumPy's SVD of the centred, normalised vectors (up to sign)
+        x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        x = x - x.mean(0)
+        expected = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T
+        found = np.concatenate(points)
+        np.testing.assert_allclose(np.abs(found), np.abs(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_map_command_and_its_errors(tmp_path):
+    clustered_embedding(tmp_path / "e.npz")
+    code, out, err = run_main(f"--embedding={tmp_path / 'e.npz'}", "--method=pca",
+                              f"--out={tmp_path / 'm.png'}")  # fmt: skip
+    assert code == 0, err
+    assert out.strip() == f"wrote {tmp_path / 'm.png'}" and png_size(tmp_path / "m.png")
+    code, _, err = run_main(f"--embedding={tmp_path / 'e.npz'}", "--field=projection")
+    assert code == 1 and "has no 'projection' array" in one_line(err)
+    code, _, err = run_main(f"--embedding={tmp_path / 'e.npz'}", f"--workdir={tmp_path}")
+    assert code == 1 and "give one of --workdir" in one_line(err)
+    if importlib.util.find_spec("umap") is None:
+        code, _, err = run_main(f"--embedding={tmp_path / 'e.npz'}", "--method=umap")
+        assert code == 1 and "pip install 'simclr_jax[umap]'" in one_line(err)

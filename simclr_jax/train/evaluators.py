@@ -7,7 +7,9 @@ after the last step, < 0 = never) and its own fields (configs/base.py documents 
 - `classifier`: the same for a fine-tuned or distilled classifier ('eval_*');
 - `teacher`: distillation's teacher, once ('teacher_top1', 'teacher_top5');
 - `knn`: a temperature-weighted kNN vote on backbone features ('knn_top1'), its bank a
-  class-balanced `bank_size` of the labelled training images (in-memory datasets only).
+  class-balanced `bank_size` of the labelled training images (in-memory datasets only);
+- `collapse`: the collapse monitor (train/collapse.py: 'proj_std', 'effective_rank'; a warning
+  once when the projections collapse), on the eval split's first images (in-memory datasets).
 
 Each evaluator maps its predict step across devices when it is built, so every evaluation reuses
 one compiled program. They take the replicated train state (anything with .params and
@@ -31,11 +33,11 @@ from simclr_jax import predict
 from simclr_jax.data import pipeline as data_pipeline
 from simclr_jax.data import sources
 from simclr_jax.data.arrays import ImageArrays
-from simclr_jax.train import scoring
+from simclr_jax.train import collapse, scoring
 from simclr_jax.train.task_progress import TaskProgress
 
 Metrics = dict[str, float]
-KINDS = ("probe", "classifier", "teacher", "knn")
+KINDS = ("probe", "classifier", "teacher", "knn", "collapse")
 _PREFIX = {"probe": "eval_probe_", "classifier": "eval_", "teacher": "teacher_"}
 
 
@@ -190,6 +192,8 @@ def _build(name, fields, config, dp, model, data, teacher):
             prefix=_PREFIX[name],
         )  # fmt: skip
         return _once(exact, teacher.variables), None
+    if name == "collapse":
+        return collapse.build(dp, model, size, data, batch_size=config.eval_batch_size)
     if fields.k <= 0:
         return None, "evals.knn.k is 0"
     bank, queries = data.train_arrays, data.eval_arrays

@@ -181,6 +181,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
             logging.getLogger("absl").addFilter(_drop_library_notices)
             # "Unable to initialize backend 'tpu'" on every machine without one (INFO).
             logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+            sys.unraisablehook = _without_closed_loop_unraisable(sys.unraisablehook)
         try:
             return main(argv)
         except Exception as error:
@@ -299,6 +300,20 @@ def _drop_library_notices(record: logging.LogRecord) -> bool:
         return not (disk_space.is_disk_full(error) or disk_space.NO_SPACE in record.getMessage())
     notice = any(text in str(record.msg) for text in _ORBAX_NOTICES)
     return record.levelno >= logging.WARNING and not notice
+
+
+def _without_closed_loop_unraisable(hook: Callable) -> Callable:
+    """sys.unraisablehook, less the "Event loop is closed" reports of checkpoint writes that were
+    in flight when a save failed (orbax's storage callbacks print one each after its loop
+    closed; the run's own error line says what happened)."""
+
+    def unraisablehook(unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return unraisablehook
 
 
 def _verbose() -> bool:

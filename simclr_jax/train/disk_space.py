@@ -8,10 +8,13 @@ not whichever wrapper (or unrelated error during shutdown) came last.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 NO_SPACE = "No space left on device"
 
@@ -31,6 +34,31 @@ def is_disk_full(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+@dataclasses.dataclass
+class SavedSteps:
+    """Where the newest intact checkpoint is read from once it is known (the run's manager)."""
+
+    source: Callable[[], int | None] | None = None
+
+    def latest(self) -> int | None:
+        with contextlib.suppress(Exception):  # the manager may be closed: best effort
+            return self.source() if self.source else None
+        return None
+
+
+@contextlib.contextmanager
+def reported(workdir: str) -> Iterator[SavedSteps]:
+    """A full disk anywhere inside becomes DiskFullError, naming the newest intact checkpoint
+    (what the yielded SavedSteps' source says); any other error passes unchanged."""
+    saved = SavedSteps()
+    try:
+        yield saved
+    except Exception as error:
+        if is_disk_full(error):
+            raise disk_full_error(workdir, saved.latest()) from error
+        raise
 
 
 def disk_full_error(workdir: str, resume_step: int | None) -> DiskFullError:

@@ -66,49 +66,66 @@ def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
-    """How long the loop runs and how often it logs, saves and evaluates (steps)."""
+    """How long the loop runs, how often it logs and saves, where results go, what a non-finite
+    loss does."""
 
     total_steps: int
     end_step: int  # this run stops here (== total_steps unless told to stop early)
     log_every: int
     checkpoint_every: int
+    workdir: str  # results.json goes here
+    stop_on_nonfinite: bool = True  # False: the step's update was dropped (nonfinite='skip')
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Where each logging interval goes: the metric writer, the progress line, and the schedule
+    whose learning rate is logged beside the metrics."""
+
+    writer: Any
+    progress: metrics_lib.Progress
+    learning_rate: Callable[[int], Any]
+
+
+@dataclasses.dataclass
+class _Interval:
+    """The per-step metrics of the logging interval in progress, on the devices."""
+
+    start: int
+    pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
 class StepLoop:
     """The steps of one run: train, log, save, evaluate, stop (train/runner.py builds it).
 
-    `train_step(state, batch)` is the mapped step; `first` turns a replicated output into one
-    copy; `save(step, state)` checkpoints; `stops.stop_after(step)` says, the same on every
-    process, whether a stop was requested. The loop alone decides when to save: every
+    `train_step(state, step)` runs the mapped step on that step's batch; `first` turns a
+    replicated output into one copy; `save(step, state)` checkpoints; `stops.stop_after(step)`
+    says, the same on every process, whether a stop was requested. The loop alone decides when to save: every
     checkpoint_every steps, at the end, and at a stop. After the first step (which compiles) the
     loop runs under jax.transfer_guard("disallow"); what must cross (the schedule's value, a
     checkpoint, an evaluation) is allowed where it happens.
     """
 
     settings: LoopSettings
-    train_step: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
-    batch_for_step: Callable[[int], Any]
+    train_step: Callable[[Any, int], tuple[Any, dict[str, jax.Array]]]
     first: Callable[[Any], Any]
     save: Callable[[int, Any], Any]
     evaluators: Sequence[Any]  # train/evaluators.Evaluator: each knows when it is due
-    writer: Any
-    progress: metrics_lib.Progress
-    learning_rate: Callable[[int], Any]
-    workdir: str
+    report: Report
     stops: Any  # preemption.StopRequests
-    stop_on_nonfinite: bool = True
+    interval: _Interval = dataclasses.field(default_factory=lambda: _Interval(0))
 
     def run(self, state: Any, start_step: int) -> tuple[Any, dict[str, Any]]:
         """Steps start_step..end_step (or to a stop); the state and the latest metrics."""
         results: dict[str, Any] = {}
-        self._pending: list[dict[str, jax.Array]] = []
-        self._interval_start = done = start_step
+        self.interval = _Interval(start_step)
+        done = start_step
         for step in range(start_step, self.settings.end_step):
             guard = "allow" if step == start_step else "disallow"
             with jax.transfer_guard(guard):
-                state, step_metrics = self.train_step(state, self.batch_for_step(step))
-                self._pending.append(self.first(step_metrics))
+                state, step_metrics = self.train_step(state, step)
+                self.interval.pending.append(self.first(step_metrics))
                 done = step + 1
                 # One answer per step: a request arriving later is seen after the next step.
                 stopping = self.stops.stop_after(done)
@@ -122,7 +139,7 @@ class StepLoop:
                 )
                 results["preempted_at_step"] = done
                 break
-        self.writer.flush()
+        self.report.writer.flush()
         results["step"] = done
         return state, results
 
@@ -133,7 +150,7 @@ class StepLoop:
         if done % settings.log_every == 0 or save_now:
             logged = self._log(done)
             results.update(logged)
-        self.progress(done, metrics=logged)  # one line: these metrics and the rates
+        self.report.progress(done, metrics=logged)  # one line: these metrics and the rates
         if save_now:
             with jax.transfer_guard("allow"):
                 self.save(done, state)
@@ -144,24 +161,25 @@ class StepLoop:
             with jax.transfer_guard("allow"):
                 for evaluator in due:
                     found.update(evaluator(state))
-            self.writer.write_scalars(done, found)
+            self.report.writer.write_scalars(done, found)
             logging.info("Evaluation at step %d: %s", done, metrics_lib.format_scalars(found))
             results.update(found)
         if save_now or eval_now:
-            metrics_lib.write_results_json(self.workdir, results, done)
+            metrics_lib.write_results_json(settings.workdir, results, done)
 
     def _log(self, done: int) -> dict[str, float]:
         """The interval's mean metrics, written; raises first if a step was not finite."""
-        bad = first_nonfinite_step(self._pending, self._interval_start + 1)
-        if bad is not None and self.stop_on_nonfinite:
+        interval = self.interval
+        bad = first_nonfinite_step(interval.pending, interval.start + 1)
+        if bad is not None and self.settings.stop_on_nonfinite:
             raise NonFiniteLossError(
                 f"the loss or the parameters became NaN/inf at step {bad}; stopping without "
-                f"saving it. The last checkpoint (step <= {self._interval_start}) is kept. Lower "
+                f"saving it. The last checkpoint (step <= {interval.start}) is kept. Lower "
                 "the learning rate, or set --config.nonfinite=skip to drop such steps"
             )
-        summary = mean_metrics(self._pending)
+        summary = mean_metrics(interval.pending)
         with jax.transfer_guard("allow"):  # the schedule is evaluated from a host integer
-            summary["learning_rate"] = float(self.learning_rate(done - 1))
-        self.writer.write_scalars(done, summary)
-        self._pending, self._interval_start = [], done
+            summary["learning_rate"] = float(self.report.learning_rate(done - 1))
+        self.report.writer.write_scalars(done, summary)
+        self.interval = _Interval(done)
         return summary

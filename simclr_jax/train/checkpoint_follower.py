@@ -161,32 +161,21 @@ def run(
         writer = metrics.create_writer(eval_dir, is_main=is_main)
         stack.callback(writer.close)
         done = evaluated_steps(eval_dir)
-        skipped: set[int] = set()
-        missed = _MissedSteps(workdir, checkpoint_every, keep)
-        results = _read_results(eval_dir)
-        last_news = time.monotonic()
         logging.info(
             "Evaluating the checkpoints of %s up to step %d (%d done before)",
             workdir, final_step, len(done),
         )  # fmt: skip
-        while True:
-            step = _NOTHING
-            if is_main:
-                listed = checkpoints.steps()
-                missed.check(listed, done | skipped)
-                waited_s = time.monotonic() - last_news
-                step = _next_step(listed, done, skipped, final_step, waited_s, timeout_s)
-            step = _broadcast(step)
-            if step == _STOP:
-                break
+        follow = _Following(
+            checkpoints, done, _MissedSteps(workdir, checkpoint_every, keep), final_step, timeout_s
+        )
+        results = _read_results(eval_dir)
+        while (step := follow.next_step(is_main)) != _STOP:
             if step == _NOTHING:
                 sleep(poll_s)
                 continue
-            last_news = time.monotonic()
             values = _evaluate(evaluate_step, step, checkpoints.directory)
             if values is None:
-                if (checkpoints.directory / str(step)).exists():
-                    skipped.add(step)  # unreadable; else deleted meanwhile: _MissedSteps names it
+                follow.unreadable(step)
                 continue
             writer.write_scalars(step, values)
             writer.flush()
@@ -194,6 +183,37 @@ def run(
             results = {"step": step, **metrics.to_python(values)}
             metrics.write_results_json(eval_dir, values, step, is_main=is_main)
     return results
+
+
+class _Following:
+    """Which step to evaluate next: decided by process 0 and broadcast, so every process of a
+    multi-process job evaluates the same checkpoint together."""
+
+    def __init__(self, checkpoints, done: set[int], missed, final_step: int, timeout_s):
+        self.checkpoints, self.done, self.missed = checkpoints, done, missed
+        self.final_step, self.timeout_s = final_step, timeout_s
+        self.skipped: set[int] = set()
+        self.last_news = time.monotonic()
+
+    def next_step(self, is_main: bool) -> int:
+        step = _NOTHING
+        if is_main:
+            listed = self.checkpoints.steps()
+            self.missed.check(listed, self.done | self.skipped)
+            waited_s = time.monotonic() - self.last_news
+            step = _next_step(
+                listed, self.done, self.skipped, self.final_step, waited_s, self.timeout_s
+            )
+        step = _broadcast(step)
+        if step >= 0:
+            self.last_news = time.monotonic()
+        return step
+
+    def unreadable(self, step: int) -> None:
+        """A step whose evaluation failed: set aside if it is still there (a corrupt one); one
+        deleted meanwhile is _MissedSteps' to name."""
+        if (self.checkpoints.directory / str(step)).exists():
+            self.skipped.add(step)
 
 
 def _next_step(listed, done, skipped, final_step: int, waited_s: float, timeout_s) -> int:

@@ -32,6 +32,14 @@ def _split_patches(pre: jax.Array, n: int) -> jax.Array:
     return pre.reshape(two, m, n, n_patches // n).transpose(2, 0, 1, 3)
 
 
+def _scores(split: str, outputs: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """The logistic loss and the error; a diverged (non-finite) output counts as an error."""
+    return {
+        f"{split}_loss": network.logistic_loss_from_outputs(outputs, labels),
+        f"{split}_error": jnp.mean(~(outputs * labels > 0)),
+    }
+
+
 @functools.partial(jax.jit, static_argnames=("q", "steps", "eval_every"))
 def train(
     filters0: jax.Array,
@@ -81,13 +89,7 @@ def train(
         out_test = network.output_from_preactivations(
             _split_patches(pre_test0 + coeffs @ cross_gram, n_test), q
         )
-        return {
-            "train_loss": network.logistic_loss_from_outputs(out, y),
-            # Written so that a diverged (non-finite) output counts as an error.
-            "train_error": jnp.mean(~(out * y > 0)),
-            "test_loss": network.logistic_loss_from_outputs(out_test, y_test),
-            "test_error": jnp.mean(~(out_test * y_test > 0)),
-        }
+        return {**_scores("train", out, y), **_scores("test", out_test, y_test)}
 
     def chunk(coeffs: jax.Array, _) -> tuple[jax.Array, dict[str, jax.Array]]:
         coeffs = jax.lax.fori_loop(0, eval_every, gd_step, coeffs)

@@ -24,18 +24,12 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-# models/resnet.py's constants (tests check they agree).
-BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
-}
-BOTTLENECK_DEPTHS = frozenset({50, 101, 152, 200})
-GROUP_STRIDES = (1, 2, 2, 2)
-STAGE_NAMES = ("stem", "block_group1", "block_group2", "block_group3", "block_group4")
+from simclr_jax.resnet_layout import (  # noqa: F401 - the layout the backends walk
+    BLOCKS_PER_GROUP,
+    BOTTLENECK_DEPTHS,
+    GROUP_STRIDES,
+    STAGE_NAMES,
+)
 
 Pads = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
 

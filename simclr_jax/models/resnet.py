@@ -25,23 +25,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-STAGE_NAMES: tuple[str, ...] = (
-    "stem",
-    "block_group1",
-    "block_group2",
-    "block_group3",
-    "block_group4",
+from simclr_jax.resnet_layout import (  # noqa: F401 - also read from here by the model code
+    BLOCKS_PER_GROUP,
+    BOTTLENECK_DEPTHS,
+    GROUP_STRIDES,
+    STAGE_NAMES,
 )
-BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
-}
-BOTTLENECK_DEPTHS = frozenset({50, 101, 152, 200})
-GROUP_STRIDES = (1, 2, 2, 2)
+
 SK_MIN_DIM = 32  # The reference never lets the SK mixing bottleneck go below 32 channels.
 
 # Keras' VarianceScaling() default: scale 1, fan_in, truncated normal.

@@ -152,23 +152,32 @@ def run_stage(train_and_evaluate: Callable[..., dict[str, Any]], what: str) -> N
         False,
         "Resume a workdir although the config changes the run (recorded in config_history.jsonl).",
     )
-    distributed.define_flags()
-    flags.adopt_module_key_flags(distributed)
-    flags.mark_flags_as_required(["config", "workdir"])
 
-    def main(argv) -> None:
-        del argv
-        logging.getLogger().setLevel(logging.INFO)
-        workdir_lock.check_folder(flags.FLAGS.workdir)  # before any work
-        distributed.initialize()
-        values = flags.FLAGS
-        results = train_and_evaluate(
+    def job(values: flags.FlagValues) -> dict[str, Any]:
+        workdir_lock.check_folder(values.workdir)  # before any work
+        return train_and_evaluate(
             values.config,
             values.workdir,
             stop_at_step=values.stop_at_step,
             accept_config_changes=values.accept_config_changes,
         )
-        print(results_table(results))
+
+    run_job(job, required=("config", "workdir"))
+
+
+def run_job(job: Callable[[flags.FlagValues], Mapping[str, Any]], *, required: Sequence[str]):
+    """A command that may run as one process of a multi-process job: the distributed flags,
+    `required` flags, logs at INFO, the processes joined, then `job(flags)`'s results printed
+    as a table (run_stage's and the evaluation job's command lines)."""
+    distributed.define_flags()
+    flags.adopt_module_key_flags(distributed)
+    flags.mark_flags_as_required(list(required))
+
+    def main(argv: list[str]) -> None:
+        del argv
+        logging.getLogger().setLevel(logging.INFO)
+        distributed.initialize()
+        print(results_table(job(flags.FLAGS)))
 
     run(main)
 

@@ -135,8 +135,6 @@ def main() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from simclr_jax import distributed
-
     config_flags.DEFINE_config_file(
         "config", None, cli.config_help("The run's config (default: the one saved in the workdir)"),
         lock_config=True,
@@ -147,26 +145,13 @@ def main() -> None:
     flags.DEFINE_float(
         "timeout_s", 0.0, "Stop after this long without a new checkpoint (0: wait for the end)."
     )
-    distributed.define_flags()
-    flags.adopt_module_key_flags(distributed)
-    flags.mark_flags_as_required(["workdir"])
 
-    def job(argv: list[str]) -> None:
-        del argv
-        import logging
-
-        logging.getLogger().setLevel(logging.INFO)
-        distributed.initialize()
-        values = flags.FLAGS
-        results = evaluate_workdir(
-            values.workdir,
-            values.config,
-            poll_s=values.poll_s,
-            timeout_s=values.timeout_s or None,
+    def job(values: flags.FlagValues) -> dict[str, Any]:
+        return evaluate_workdir(
+            values.workdir, values.config, poll_s=values.poll_s, timeout_s=values.timeout_s or None
         )
-        print(cli.results_table(results))
 
-    cli.run(job)
+    cli.run_job(job, required=("workdir",))
 
 
 if __name__ == "__main__":

@@ -27,23 +27,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from simclr_jax.models.resnet import STAGE_NAMES, conv_kernel_init, fixed_padding
+from simclr_jax.models.resnet import (
+    STAGE_NAMES,
+    Trunk,
+    conv_factory,
+    fixed_padding,
+    norm_factory,
+)
 
 MIN_DEPTH = 4  # stem, block_group1, block_group2 and at least one conv in block_group3
 TOTAL_STRIDE = 8  # the input side must be at least this (two stride-2 convs and the pool)
 
 
-class ConvNet(nn.Module):
+class ConvNet(Trunk):
     """The CPU-shaped trunk. Returns every stage's output and the float32 pooled features."""
 
     depth: int = MIN_DEPTH
     base_width: int = 32
     width_multiplier: int = 1
-    fine_tune_after_block: int = -1
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
@@ -92,29 +93,20 @@ class _Stage(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        norm = norm_factory(
+            use_running_average=self.use_running_average,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+        )
         for k, (features, kernel, stride) in enumerate(self.layers):
-            conv = _PointwiseConv if (kernel, stride) == (1, 1) else nn.Conv
-            x = conv(
-                features,
-                (kernel, kernel),
-                strides=stride,
-                padding=fixed_padding(kernel),
-                use_bias=False,
-                kernel_init=conv_kernel_init,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
+            module = _PointwiseConv if (kernel, stride) == (1, 1) else nn.Conv
+            x = conv_factory(self.dtype, module)(
+                features, (kernel, kernel), strides=stride, padding=fixed_padding(kernel),
                 name=f"conv{k + 1}",
-            )(x)
-            x = nn.BatchNorm(
-                use_running_average=self.use_running_average,
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                axis_name=self.axis_name,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name=f"bn{k + 1}",
-            )(x)
-            x = nn.relu(x)
+            )(x)  # fmt: skip
+            x = nn.relu(norm(name=f"bn{k + 1}")(x))
         return x
 
 

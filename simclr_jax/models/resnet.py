@@ -40,6 +40,29 @@ conv_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_no
 ModuleFactory = Callable[..., nn.Module]
 
 
+def conv_factory(dtype: Any, module: Callable[..., nn.Module] = nn.Conv) -> ModuleFactory:
+    """Convolutions as every network here builds them: no bias, Keras' initialiser, float32
+    parameters, computed in `dtype`."""
+    return functools.partial(
+        module, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, param_dtype=jnp.float32
+    )
+
+
+def norm_factory(
+    *, use_running_average: bool, momentum: float, epsilon: float, axis_name, dtype: Any
+) -> ModuleFactory:
+    """BatchNorm as every network here builds it: float32 parameters, computed in `dtype`."""
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=use_running_average,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+    )
+
+
 def fixed_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """TF-reference padding: independent of input size, so strided convs align like the original."""
     before = (kernel_size - 1) // 2
@@ -131,8 +154,8 @@ def projection_shortcut(
     return norm(name="bn_proj")(x)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34). With SK the first (strided) one is a selective-kernel conv."""
+class _Block(nn.Module):
+    """What a residual block is given (BlockGroup builds them)."""
 
     features: int
     strides: int
@@ -141,75 +164,66 @@ class BasicBlock(nn.Module):
     se_ratio: float
     conv: ModuleFactory
     norm: ModuleFactory
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convs (ResNet-18/34). With SK the first (strided) one is a selective-kernel conv."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shortcut = x
-        if self.use_projection:
-            shortcut = projection_shortcut(
-                x,
-                features=self.features,
-                strides=self.strides,
-                resnet_d=self.sk_ratio > 0,
-                conv=self.conv,
-                norm=self.norm,
-            )
-        if self.sk_ratio > 0:
-            y = SelectiveKernelConv(
-                self.features, self.strides, self.sk_ratio, self.conv, self.norm, name="sk_conv"
-            )(x)
-        else:
-            y = self.conv(
-                self.features, (3, 3), strides=self.strides, padding=fixed_padding(3), name="conv1"
-            )(x)
-            y = nn.relu(self.norm(name="bn1")(y))
+        shortcut = _block_shortcut(self, x, self.features)
+        y = _strided_3x3(self, x, conv_name="conv1", norm_name="bn1")
         y = self.conv(self.features, (3, 3), padding=fixed_padding(3), name="conv2")(y)
         y = self.norm(scale_init=nn.initializers.zeros, name="bn2")(y)
-        if self.se_ratio > 0:
-            y = SqueezeExcite(self.features, self.se_ratio, self.conv, name="se")(y)
-        return nn.relu(y + shortcut)
+        return _residual_out(self, y, shortcut)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
     """1x1 -> 3x3 (strided; SK when sk_ratio > 0) -> 1x1 (4x features) bottleneck (ResNet-50+)."""
-
-    features: int
-    strides: int
-    use_projection: bool
-    sk_ratio: float
-    se_ratio: float
-    conv: ModuleFactory
-    norm: ModuleFactory
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out_features = 4 * self.features
-        shortcut = x
-        if self.use_projection:
-            shortcut = projection_shortcut(
-                x,
-                features=out_features,
-                strides=self.strides,
-                resnet_d=self.sk_ratio > 0,
-                conv=self.conv,
-                norm=self.norm,
-            )
+        shortcut = _block_shortcut(self, x, out_features)
         y = self.conv(self.features, (1, 1), padding=fixed_padding(1), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
-        if self.sk_ratio > 0:
-            y = SelectiveKernelConv(
-                self.features, self.strides, self.sk_ratio, self.conv, self.norm, name="sk_conv"
-            )(y)
-        else:
-            y = self.conv(
-                self.features, (3, 3), strides=self.strides, padding=fixed_padding(3), name="conv2"
-            )(y)
-            y = nn.relu(self.norm(name="bn2")(y))
+        y = _strided_3x3(self, y, conv_name="conv2", norm_name="bn2")
         y = self.conv(out_features, (1, 1), padding=fixed_padding(1), name="conv3")(y)
         y = self.norm(scale_init=nn.initializers.zeros, name="bn3")(y)
-        if self.se_ratio > 0:
-            y = SqueezeExcite(self.features, self.se_ratio, self.conv, name="se")(y)
-        return nn.relu(y + shortcut)
+        return _residual_out(self, y, shortcut)
+
+
+def _block_shortcut(block: _Block, x: jax.Array, out_features: int) -> jax.Array:
+    """A block's shortcut: the identity, or its projection (ResNet-D's with selective kernels)."""
+    if not block.use_projection:
+        return x
+    return projection_shortcut(
+        x,
+        features=out_features,
+        strides=block.strides,
+        resnet_d=block.sk_ratio > 0,
+        conv=block.conv,
+        norm=block.norm,
+    )
+
+
+def _strided_3x3(block: _Block, x: jax.Array, *, conv_name: str, norm_name: str) -> jax.Array:
+    """A block's strided 3x3 convolution, BN and ReLU, or its selective kernels."""
+    if block.sk_ratio > 0:
+        return SelectiveKernelConv(
+            block.features, block.strides, block.sk_ratio, block.conv, block.norm, name="sk_conv"
+        )(x)
+    y = block.conv(
+        block.features, (3, 3), strides=block.strides, padding=fixed_padding(3), name=conv_name
+    )(x)
+    return nn.relu(block.norm(name=norm_name)(y))
+
+
+def _residual_out(block: _Block, y: jax.Array, shortcut: jax.Array) -> jax.Array:
+    """Squeeze-excitation when asked, then the residual sum and ReLU."""
+    if block.se_ratio > 0:
+        y = SqueezeExcite(block.features, block.se_ratio, block.conv, name="se")(y)
+    return nn.relu(y + shortcut)
 
 
 class Stem(nn.Module):
@@ -270,7 +284,19 @@ class BlockGroup(nn.Module):
         return x
 
 
-class ResNet(nn.Module):
+class Trunk(nn.Module):
+    """What every backbone is given besides its shape: which stages are frozen (0 = stem, 1..4
+    = the next four stages; -1 none), BatchNorm's constants and replica axis, the compute
+    dtype. Its output: every stage's activations and the float32 pooled 'features'."""
+
+    fine_tune_after_block: int = -1
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+
+class ResNet(Trunk):
     """ResNet v1 trunk. Returns every stage's output and the float32 global-average-pooled features.
 
     ``fine_tune_after_block = k`` freezes stages 0..k (0 = stem, 1..4 = block groups): their
@@ -288,11 +314,6 @@ class ResNet(nn.Module):
     base_width: int = (
         64  # channels of block_group1's 3x3 convs at 1x (64 = standard; small for tests)
     )
-    fine_tune_after_block: int = -1
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
@@ -300,25 +321,17 @@ class ResNet(nn.Module):
             raise ValueError(f"depth must be one of {sorted(BLOCKS_PER_GROUP)}, got {self.depth!r}")
         block = BottleneckBlock if self.depth in BOTTLENECK_DEPTHS else BasicBlock
         base = self.base_width * self.width_multiplier
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            kernel_init=conv_kernel_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-        )
+        conv = conv_factory(self.dtype)
         outputs: dict[str, jax.Array] = {}
         x = images.astype(self.dtype)
         for index, name in enumerate(STAGE_NAMES):
             frozen = index <= self.fine_tune_after_block
-            norm = functools.partial(
-                nn.BatchNorm,
+            norm = norm_factory(
                 use_running_average=frozen or not train,
                 momentum=self.bn_momentum,
                 epsilon=self.bn_epsilon,
                 axis_name=self.axis_name,
                 dtype=self.dtype,
-                param_dtype=jnp.float32,
             )
             if index == 0:
                 stage = Stem(base, self.cifar_stem, self.sk_ratio > 0, conv, norm, name=name)

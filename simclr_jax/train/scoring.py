@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -130,20 +131,16 @@ def knn_classify(
     query_features: jax.Array,
     *,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-    chunk_size: int = 256,
+    **vote: Any,
 ) -> jax.Array:
-    """Predicted labels int32 [Q] from the weighted kNN vote (see `knn_scores`)."""
-    _check_knn_args(train_features, train_labels, query_features, k, temperature)
+    """Predicted labels int32 [Q] from the weighted kNN vote; `vote`: knn_scores' k,
+    temperature and chunk_size."""
+    _check_knn_args(
+        train_features, train_labels, query_features, vote.get("k", 200),
+        vote.get("temperature", 0.1),
+    )  # fmt: skip
     scores = knn_scores(
-        train_features,
-        train_labels,
-        query_features,
-        num_classes=num_classes,
-        k=k,
-        temperature=temperature,
-        chunk_size=chunk_size,
+        train_features, train_labels, query_features, num_classes=num_classes, **vote
     )
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
@@ -155,19 +152,11 @@ def knn_evaluate(
     query_labels: jax.Array,
     *,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-    chunk_size: int = 256,
+    **vote: Any,
 ) -> float:
-    """Top-1 accuracy of the weighted kNN classifier on the queries."""
+    """Top-1 accuracy of the weighted kNN classifier on the queries (`vote` as knn_classify)."""
     predicted = knn_classify(
-        train_features,
-        train_labels,
-        query_features,
-        num_classes=num_classes,
-        k=k,
-        temperature=temperature,
-        chunk_size=chunk_size,
+        train_features, train_labels, query_features, num_classes=num_classes, **vote
     )
     return float(np.mean(np.asarray(predicted) == np.asarray(query_labels)))
 

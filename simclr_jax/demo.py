@@ -45,7 +45,7 @@ SUMMARY_KEYS = (
     "linear_simclr_all", "linear_simclr_1pct", "linear_pixels_all", "linear_pixels_1pct",
     "finetune_1pct", "scratch_1pct", "distill_1pct", "knn_simclr", "probe_final",
     "recall_at_1", "recall_at_5", "recall_at_10", "map_at_r", "embedding_seconds",
-    "pretrain_minutes", "total_minutes", "seed",
+    "pretrain_minutes", "seed", "total_minutes",
 )  # fmt: skip
 INSTALL_HINT = (
     "the Fashion-MNIST files are not installed (Debian's dataset-fashion-mnist, under "

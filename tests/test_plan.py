@@ -65,6 +65,15 @@ def test_a_small_pretraining_config_planned_for_v5e_has_every_key_and_fits(v5e_p
     json.dumps(plan)  # what --out writes
 
 
+def test_planning_for_a_tpu_leaves_no_tpu_pod_variables_behind(v5e_plan):
+    """libtpu starts with TPU_WORKER_HOSTNAMES set; left set, every process this one starts
+    would think it runs on a TPU pod and wait for a coordinator."""
+    from simclr_jax import distributed
+
+    assert "TPU_WORKER_HOSTNAMES" not in os.environ
+    assert not distributed.plan().joins
+
+
 def test_the_collectives_are_the_steps_own(v5e_plan):
     """NT-Xent gathers both views' projections, [global batch, 128] float32 each (XLA:TPU may
     gather them again for the backward pass rather than keep them); gradients, BN statistics

@@ -16,11 +16,12 @@ bandwidth within a host, and the InfiniBand bandwidth per GPU across hosts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 GIB = 2**30
@@ -169,15 +170,28 @@ def devices(target: Target) -> Sequence[Any]:
 
     if target.kind == "tpu":
         require_tpu_compiler()
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM to ask
-        # Compile-only: no chip to guard, so several planners (or test workers) may share libtpu.
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        return topologies.get_topology_desc(target.topology, "tpu").devices
+        # No TPU VM to ask, and no chip to guard (several planners or test workers may share
+        # libtpu). Set only while libtpu starts: left in the environment, TPU_WORKER_HOSTNAMES
+        # would make this process's children believe they run on a TPU pod.
+        with _environment(TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1"):
+            return topologies.get_topology_desc(target.topology, "tpu").devices
     require_gpu_compiler()
     topology = topologies.get_topology_desc(
         platform="cuda", target_config=gpu_target_config(target.gpu), topology=target.topology
     )
     return topology.devices
+
+
+@contextlib.contextmanager
+def _environment(**variables: str) -> Iterator[None]:
+    """Set the variables that are unset, and take them away again afterwards."""
+    added = {name: value for name, value in variables.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def require_tpu_compiler() -> None:

@@ -135,6 +135,11 @@ def pretrain_config() -> ConfigDict:
     c.knn.bank_size = 10_000  # labelled training images in the bank (class-balanced; 0 = all).
 
     c.batch_size = 256  # global batch in images (each gives two views); divides the device count.
+    # Split each device's batch into K chunks, one chunk's activations in memory at a time: the
+    # update stays the whole batch's (NT-Xent over all its negatives: simclr_jax/accumulation.py)
+    # for a second forward pass. BatchNorm then normalises each chunk with its own statistics
+    # (ghost batch norm). Divides the per-device batch; 1 = one pass.
+    c.accumulation_chunks = 1
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
     c.num_epochs = 100.0  # training length in epochs of the training split.
     c.num_steps = 0  # if > 0, overrides num_epochs.
@@ -197,6 +202,10 @@ def finetune_model_config() -> ConfigDict:
 def _run_fields(c: ConfigDict) -> None:
     """Schedule, precision, parallelism and bookkeeping fields shared by finetune and distill."""
     c.batch_size = 256  # global batch in images; divides the device count.
+    # Split each device's batch (and labelled batch) into K chunks, one chunk's activations in
+    # memory at a time; the update is their mean (exact for these per-example losses), but
+    # BatchNorm normalises each chunk with its own statistics. Divides the per-device batch.
+    c.accumulation_chunks = 1
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
     c.num_epochs = 30.0  # training length in epochs of the (labelled or unlabelled) train set.
     c.num_steps = 0  # if > 0, overrides num_epochs.

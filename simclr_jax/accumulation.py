@@ -12,12 +12,12 @@ SimCLR. Here each replica's batch is split into K equal chunks of consecutive ro
 3. Pass 2: each chunk's views again, from the same augmentation keys (every random choice is keyed
    by the example's global id), and its forward again; jax.vjp with the chunk's slice of dL/dz (and
    with 1 for the chunk's share of the online probe's loss, a mean over examples) gives its
-   parameter gradients, summed over the chunks.
+   parameter gradients, summed over the chunks (scan_sum: a lax.scan; unrolled on the CPU).
 4. The replica average and one optimizer update, as in the one-pass step; the memory enqueues the
    whole batch's keys once.
 
-Memory holds about one chunk's activations plus z of the whole batch; the cost is a second forward
-pass of every chunk.
+Memory holds about one chunk's activations plus z of the whole batch (on the CPU, whose pass 2 is
+unrolled, less is saved: loops_unrolled); the cost is a second forward pass of every chunk.
 
 BatchNorm in training mode normalises each chunk with its own statistics (over every replica's
 chunk under global BN): "ghost batch norm" with the chunk's size. The step is exactly the one-pass
@@ -55,8 +55,22 @@ def merge(x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
+def loops_unrolled() -> bool:
+    """Whether chunks whose gradients are taken run unrolled rather than in a lax.scan: on the
+    CPU, where XLA computes a convolution's weight gradient inside a loop body tens of times slower
+    (jax issue 12868; it keeps that convolution's raw layout there). Unrolled, XLA:CPU's scheduler
+    overlaps the chunks, so their memory shrinks less than in a loop. Accelerators loop."""
+    return jax.default_backend() == "cpu"
+
+
 def scan_sum(fn: Callable, chunked: Any) -> Any:
-    """sum over c of fn(chunk c), the chunks along `chunked`'s leading axis taken one at a time."""
+    """sum over c of fn(chunk c), the chunks along `chunked`'s leading axis in turn: a lax.scan,
+    one body to compile and one chunk's intermediates alive at a time (unrolled on the CPU:
+    loops_unrolled). Either way the sum runs in chunk order."""
+    if loops_unrolled():
+        count = jax.tree.leaves(chunked)[0].shape[0]
+        outs = [fn(jax.tree.map(lambda x, c=c: x[c], chunked)) for c in range(count)]
+        return jax.tree.map(lambda *xs: functools.reduce(jnp.add, xs), *outs)
     first = jax.tree.map(lambda x: x[0], chunked)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
     total, _ = lax.scan(lambda acc, chunk: (jax.tree.map(jnp.add, acc, fn(chunk)), None), zeros,

@@ -16,8 +16,8 @@ SimCLR. Here each replica's batch is split into K equal chunks of consecutive ro
 4. The replica average and one optimizer update, as in the one-pass step; the memory enqueues the
    whole batch's keys once.
 
-Memory holds about one chunk's activations plus z of the whole batch (on the CPU, whose pass 2 is
-unrolled, less is saved: loops_unrolled); the cost is a second forward pass of every chunk.
+Memory holds about one chunk's activations plus z of the whole batch; the cost is a second forward
+pass of every chunk.
 
 BatchNorm in training mode normalises each chunk with its own statistics (over every replica's
 chunk under global BN): "ghost batch norm" with the chunk's size. The step is exactly the one-pass
@@ -58,23 +58,34 @@ def merge(x: jax.Array) -> jax.Array:
 def loops_unrolled() -> bool:
     """Whether chunks whose gradients are taken run unrolled rather than in a lax.scan: on the
     CPU, where XLA computes a convolution's weight gradient inside a loop body tens of times slower
-    (jax issue 12868; it keeps that convolution's raw layout there). Unrolled, XLA:CPU's scheduler
-    overlaps the chunks, so their memory shrinks less than in a loop. Accelerators loop."""
+    (jax issue 12868; it keeps that convolution's raw layout there). Accelerators loop."""
     return jax.default_backend() == "cpu"
 
 
 def scan_sum(fn: Callable, chunked: Any) -> Any:
-    """sum over c of fn(chunk c), the chunks along `chunked`'s leading axis in turn: a lax.scan,
-    one body to compile and one chunk's intermediates alive at a time (unrolled on the CPU:
-    loops_unrolled). Either way the sum runs in chunk order."""
+    """sum over c of fn(chunk c, after), the chunks along `chunked`'s leading axis in turn, in
+    chunk order: a lax.scan (one body to compile, one chunk's intermediates alive at a time), or
+    unrolled on the CPU (loops_unrolled).
+
+    `after` is a float32 zero for fn to add to its input images. Unrolled, it is 0 times an
+    element of each leaf of the sum so far, a zero XLA cannot fold: chunk c's work then waits for
+    all of chunk c-1's, and XLA:CPU's scheduler keeps one chunk's activations alive at a time
+    rather than overlapping the chunks (an optimization barrier would not do: XLA:CPU removes
+    barriers before it schedules)."""
     if loops_unrolled():
-        count = jax.tree.leaves(chunked)[0].shape[0]
-        outs = [fn(jax.tree.map(lambda x, c=c: x[c], chunked)) for c in range(count)]
-        return jax.tree.map(lambda *xs: functools.reduce(jnp.add, xs), *outs)
+        total, after = None, jnp.zeros((), jnp.float32)
+        for c in range(jax.tree.leaves(chunked)[0].shape[0]):
+            out = fn(jax.tree.map(lambda x, c=c: x[c], chunked), after)
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+            firsts = [leaf.ravel()[0].astype(jnp.float32) for leaf in jax.tree.leaves(total)]
+            after = 0.0 * sum(firsts)
+        return total
     first = jax.tree.map(lambda x: x[0], chunked)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
-    total, _ = lax.scan(lambda acc, chunk: (jax.tree.map(jnp.add, acc, fn(chunk)), None), zeros,
-                        chunked)  # fmt: skip
+    zero = jnp.zeros((), jnp.float32)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, zero))
+    total, _ = lax.scan(
+        lambda acc, chunk: (jax.tree.map(jnp.add, acc, fn(chunk, zero)), None), zeros, chunked
+    )
     return total
 
 
@@ -150,12 +161,12 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict) -> Callable:
     return step
 
 
-def _online(model, config, state, params, chunk):
+def _online(model, config, state, params, chunk, after=0.0):
     """(outputs, new BN statistics, view b) of a chunk's two views in training mode; the views
-    come from the chunk's example ids, so both passes see the same ones."""
+    come from the chunk's example ids, so both passes see the same ones. after: scan_sum's zero."""
     view_a, view_b = views.contrastive_views(config, state.step, chunk["image"], chunk["id"])
     variables = {"params": params, "batch_stats": state.batch_stats}
-    images = jnp.concatenate([view_a, view_b])
+    images = jnp.concatenate([view_a, view_b]) + after
     out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
     return out, updates.get("batch_stats", {}), view_b
 
@@ -199,11 +210,11 @@ def _second_pass(online, probe, params, inputs, dz):
     """Pass 2: each chunk's forward again and its vjp with the chunk's dL/dz (and 1 for its
     probe share); the parameter gradients, probe loss and accuracy summed over the chunks."""
 
-    def one(chunk_and_dz):
+    def one(chunk_and_dz, after):
         chunk, dz_chunk = chunk_and_dz
 
         def outputs(params):
-            out, _, _ = online(params, chunk)
+            out, _, _ = online(params, chunk, after)
             probe_loss, probe_acc = probe(params, chunk, out)
             return (out["projection"], probe_loss), probe_acc
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from simclr_jax import accumulation, parallel
 from simclr_jax.models import frozen_tree, keep_frozen_stats
@@ -59,7 +60,9 @@ def accumulated_update(
     if chunks == 1:
         return averaged_update(state, lambda params: loss_fn(params, batch), model_config)
 
-    def one(chunk):
+    def one(chunk, after):  # after: accumulation.scan_sum's zero, added to the float inputs
+        floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+        chunk = jax.tree.map(lambda x: x + after.astype(x.dtype) if floating(x) else x, chunk)
         grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params, chunk)
         return grads, aux, batch_stats
 

@@ -71,7 +71,8 @@ def scan_sum(fn: Callable, chunked: Any) -> Any:
     element of each leaf of the sum so far, a zero XLA cannot fold: chunk c's work then waits for
     all of chunk c-1's, and XLA:CPU's scheduler keeps one chunk's activations alive at a time
     rather than overlapping the chunks (an optimization barrier would not do: XLA:CPU removes
-    barriers before it schedules)."""
+    barriers before it schedules). A NaN there spreads to the rest of the sum: the update is not
+    finite either way. The cost: K copies of fn to compile."""
     if loops_unrolled():
         total, after = None, jnp.zeros((), jnp.float32)
         for c in range(jax.tree.leaves(chunked)[0].shape[0]):

@@ -15,6 +15,7 @@ the batch in 2 chunks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -95,25 +96,25 @@ def time_in_turns(runs: list[dict]) -> None:
 def main(argv) -> None:
     del argv
     devices = parallel.use_cpu_devices(FLAGS.cpu_devices or None)
+    loop = contextlib.nullcontext()
     if FLAGS.loop != "auto":
-        accumulation.loops_unrolled = lambda: FLAGS.loop == "unrolled"
+        loop = accumulation.unrolled_loops(FLAGS.loop == "unrolled")
     config = FLAGS.config
     print(
         f"host={platform.machine()} cpus={os.cpu_count()} devices={devices} jax={jax.__version__} "
         f"load={os.getloadavg()[0]:.1f} batch={config.batch_size} "
         f"backbone={config.model.backbone} depth={config.model.depth} "
         f"base_width={config.model.base_width} image_size={config.dataset.image_size} "
-        f"loop={FLAGS.loop}({'unrolled' if accumulation.loops_unrolled() else 'scan'})"
+        f"loop={FLAGS.loop}"
     )
-    dp, rng, default_batch = (
-        parallel.DataParallel(parallel.make_mesh()),
-        np.random.default_rng(0),
-        config.batch_size,
-    )
+    dp, rng = parallel.DataParallel(parallel.make_mesh()), np.random.default_rng(0)
+    default_batch = config.batch_size
     runs = {}
-    for variant in dict.fromkeys(FLAGS.chunks + FLAGS.time):
-        config.batch_size = default_batch
-        runs[variant] = compile_variant(config, variant, dp, rng)
+    with loop:  # traced (and compiled) inside
+        print(f"unrolled={accumulation.loops_unrolled()}")
+        for variant in dict.fromkeys(FLAGS.chunks + FLAGS.time):
+            config.batch_size = default_batch
+            runs[variant] = compile_variant(config, variant, dp, rng)
     time_in_turns([runs[variant] for variant in FLAGS.time])
     first = statistics.median(runs[FLAGS.time[0]]["times"]) if FLAGS.time else 0.0
     for variant in FLAGS.time:

@@ -29,8 +29,9 @@ K = 1 the trainers take their one-pass step, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -55,11 +56,25 @@ def merge(x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
+_UNROLLED: list[bool] = []  # set by unrolled_loops; empty: decided by the default backend
+
+
 def loops_unrolled() -> bool:
     """Whether chunks whose gradients are taken run unrolled rather than in a lax.scan: on the
     CPU, where XLA computes a convolution's weight gradient inside a loop body tens of times slower
     (jax issue 12868; it keeps that convolution's raw layout there). Accelerators loop."""
-    return jax.default_backend() == "cpu"
+    return _UNROLLED[-1] if _UNROLLED else jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def unrolled_loops(unrolled: bool) -> Iterator[None]:
+    """Steps traced inside take this choice whatever this process's backend: for a program
+    compiled here for another platform (a TPU or GPU plan on a CPU host: unrolled=False)."""
+    _UNROLLED.append(unrolled)
+    try:
+        yield
+    finally:
+        _UNROLLED.pop()
 
 
 def scan_sum(fn: Callable, chunked: Any) -> Any:

@@ -20,10 +20,9 @@ absolute difference}} and, under 'scale', {case: {quantity: largest magnitude}}.
 * 'finetune', 'distill': the same comparison for their steps (plain accumulation), 1 vs 2 devices.
 
 Pass 2 runs as the library runs it on the CPU (unrolled), except in 'ghost_bn' and 'finetune': in
-a lax.scan, as on accelerators (in_a_loop).
+a lax.scan, as on accelerators (accumulation.unrolled_loops(False)).
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -60,17 +59,6 @@ from simclr_jax.train.state import TrainState  # noqa: E402
 from simclr_jax.train.update import fine_tune_state  # noqa: E402
 
 BATCH, QUEUE, FILLED = 16, 40, 32
-
-
-@contextlib.contextmanager
-def in_a_loop():
-    """Pass 2 in a lax.scan, as on accelerators (on the CPU the library unrolls it)."""
-    unrolled = accumulation.loops_unrolled
-    accumulation.loops_unrolled = lambda: False
-    try:
-        yield
-    finally:
-        accumulation.loops_unrolled = unrolled
 
 
 def max_abs(tree) -> float:
@@ -270,7 +258,7 @@ def ghost_bn_cases(report):
         )  # fmt: skip
         groups = chunk_groups(devices, chunks)
         reference = reference_gradients(unmapped, config, state, batch, groups, None)
-        with in_a_loop():
+        with accumulation.unrolled_loops(False):
             got = accumulated_gradients(model, config, state, batch, devices)
         key = f"ghost_bn/{devices}dev/K{chunks}"
         report[key], report["scale"][key] = compare(reference, got), scales(reference)
@@ -355,7 +343,7 @@ def distill_run(chunks, devices):
 def supervised_cases(report):
     for name, run in (("finetune", finetune_run), ("distill", distill_run)):
         one_pass, before = run(1, 2)
-        with in_a_loop() if name == "finetune" else contextlib.nullcontext():
+        with accumulation.unrolled_loops(name == "distill"):
             chunked, _ = run(2, 1)
         report[name] = {key: max_diff(one_pass[key], chunked[key]) for key in one_pass}
         report["scale"][name] = {key: max_abs(value) for key, value in one_pass.items()}

@@ -180,6 +180,12 @@ def run_fields(c: ConfigDict, *, num_epochs: float) -> None:
     """Schedule, precision, parallelism and bookkeeping fields: every stage has these, once."""
     c.batch_size = 256  # global batch in images (pretraining: each gives two views); divides the
     # device count.
+    # Split each device's batch (and labelled batch) into K chunks, one chunk's activations in
+    # memory at a time, for one more forward pass. The update stays the whole batch's: pretraining
+    # recomputes NT-Xent over all its negatives (simclr_jax/accumulation.py), fine-tuning and
+    # distillation average their per-example losses. BatchNorm normalises each chunk with its own
+    # statistics (ghost batch norm). Divides the per-device batch; 1 = one pass.
+    c.accumulation_chunks = 1
     c.eval_batch_size = 1000  # global batch for evaluation (the last batch is padded and masked).
     c.num_epochs = num_epochs  # training length in epochs of the training split.
     c.num_steps = 0  # if > 0, overrides num_epochs.

@@ -37,7 +37,7 @@ from simclr_jax.data import stage_data, views
 from simclr_jax.models import SimCLRModel, build_for_run
 from simclr_jax.train import evaluators, runner
 from simclr_jax.train.state import TrainState
-from simclr_jax.train.update import averaged_update, fine_tune_state
+from simclr_jax.train.update import accumulated_update, fine_tune_state
 
 LABELED_STREAM = 1  # augmentation key stream of the labelled batch (0 = the unlabelled batch)
 
@@ -49,6 +49,8 @@ def make_train_step(
 
     batch: {'image'} unlabelled uint8 images, plus {'labeled_image', 'label'} when with_labels;
     precropped: the host took the crops (a streamed dataset), the step only flips.
+    With config.accumulation_chunks > 1 the student's gradients are averaged over chunks of both
+    batches (the teacher labels the whole batch first, in inference mode).
     """
 
     def step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array]):
@@ -57,29 +59,33 @@ def make_train_step(
         teacher_logits = jax.lax.stop_gradient(
             teacher.apply(teacher_variables, images, train=False)["logits"]
         )
-        num_unlabeled = images.shape[0]
+        data = {"image": images, "teacher_logits": teacher_logits}
         if with_labels:
-            labeled = views.finetune_view(
+            data["labeled_image"] = views.finetune_view(
                 config, state.step, batch["labeled_image"], precropped=precropped,
                 stream=LABELED_STREAM,
             )  # fmt: skip
-            images = jnp.concatenate([images, labeled])
+            data["label"] = batch["label"]
 
-        def loss_fn(params):
+        def loss_fn(params, data):
+            images, num_unlabeled = data["image"], data["image"].shape[0]
+            if with_labels:
+                images = jnp.concatenate([images, data["labeled_image"]])
             variables = {"params": params, "batch_stats": state.batch_stats}
             out, updates = student.apply(variables, images, train=True, mutable=["batch_stats"])
             logits = out["logits"]
             loss, aux = losses.distillation_objective(
                 logits[:num_unlabeled],
-                teacher_logits,
+                data["teacher_logits"],
                 temperature=config.temperature,
                 alpha=config.alpha,
                 labeled_logits=logits[num_unlabeled:] if with_labels else None,
-                labels=batch["label"] if with_labels else None,
+                labels=data["label"] if with_labels else None,
             )
             return loss, (aux, updates["batch_stats"])
 
-        return averaged_update(state, loss_fn, config.student.model)
+        chunks, model_config = config.accumulation_chunks, config.student.model
+        return accumulated_update(state, loss_fn, data, chunks, model_config)
 
     return step
 

@@ -40,11 +40,12 @@ from simclr_jax.data import stage_data, views
 from simclr_jax.models import LINEAR_EVAL_BLOCK, SimCLRModel, build_for_run
 from simclr_jax.train import classifier_init, evaluators, runner
 from simclr_jax.train.state import TrainState
-from simclr_jax.train.update import averaged_update, fine_tune_state
+from simclr_jax.train.update import accumulated_update, fine_tune_state
 
 
 def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict, *, precropped=False):
-    """Per-replica step: one crop+flip view, cross-entropy, grads averaged over replicas."""
+    """Per-replica step: one crop+flip view, cross-entropy, grads averaged over replicas (and
+    over config.accumulation_chunks chunks of the batch)."""
     # A linear probe on fixed features (freeze_head_in_linear_eval): the whole network in
     # inference mode. Otherwise frozen stages still run BN in inference mode (the model), and the
     # trainable head layers in training mode, as the reference.
@@ -55,9 +56,9 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict, *, pr
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         images = views.finetune_view(config, state.step, batch["image"], precropped=precropped)
-        labels = batch["label"]
 
-        def loss_fn(params):
+        def loss_fn(params, data):
+            images, labels = data
             variables = {"params": params, "batch_stats": state.batch_stats}
             if fixed_features:
                 out, batch_stats = model.apply(variables, images, train=False), state.batch_stats
@@ -68,7 +69,8 @@ def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict, *, pr
             top1 = jnp.mean(jnp.argmax(out["logits"], -1) == labels)
             return loss, ({"loss": loss, "train_top1": top1}, batch_stats)
 
-        return averaged_update(state, loss_fn, config.model)
+        data = (images, batch["label"])
+        return accumulated_update(state, loss_fn, data, config.accumulation_chunks, config.model)
 
     return step
 

@@ -167,6 +167,21 @@ def update(
     in replica order, so every replica pushes the same global batch of keys.
     """
     keys, ema_batch_stats = embed_keys(model, memory, images, axis_name=axis_name)
+    return push(memory, keys, ema_batch_stats, new_params, decay=decay, axis_name=axis_name)
+
+
+def push(
+    memory: MemoryState,
+    keys: jax.Array,
+    ema_batch_stats: Any,
+    new_params: Any,
+    *,
+    decay: float,
+    axis_name: str | None,
+) -> MemoryState:
+    """`update`'s second half, for keys embedded beforehand (gradient accumulation embeds them
+    chunk by chunk): this replica's keys gathered from every replica, the EMA moved, the keys
+    pushed."""
     if axis_name is not None:
         keys = lax.all_gather(keys, axis_name, tiled=True)
     moved = memory.replace(

@@ -27,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 BACKENDS = ("shard_map", "pmap")
+# The batches a training step splits into config.accumulation_chunks chunks.
+ACCUMULATED_BATCHES = ("batch_size", "labeled_batch_size")
 
 
 def use_cpu_devices(count: int | None = None) -> int:
@@ -79,6 +81,16 @@ def check_divisible(name: str, batch_size: int, mesh: Mesh) -> None:
         raise ValueError(
             f"{name}={batch_size} does not divide over {devices} devices "
             f"({processes} process(es)); use a multiple of {devices}"
+        )
+
+
+def check_chunks(name: str, batch_size: int, chunks: int, mesh: Mesh) -> None:
+    """Fail before compiling when gradient accumulation cannot split a device's batch evenly."""
+    per_device = batch_size // mesh.devices.size
+    if per_device % chunks:
+        raise ValueError(
+            f"accumulation_chunks={chunks} does not divide the per-device {name} ({batch_size} "
+            f"over {mesh.devices.size} devices = {per_device}); use a divisor of {per_device}"
         )
 
 
@@ -192,6 +204,9 @@ def from_config(config: Any, batch_fields: Sequence[str] = ("batch_size", "eval_
     mesh = make_mesh()
     for name in batch_fields:
         check_divisible(name, config[name], mesh)
+    chunks = config.get("accumulation_chunks", 1)
+    for name in (n for n in batch_fields if n in ACCUMULATED_BATCHES):
+        check_chunks(name, config[name], chunks, mesh)
     return DataParallel(mesh, config.parallel.backend)
 
 

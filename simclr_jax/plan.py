@@ -2,13 +2,17 @@
 
     python -m simclr_jax.plan --config=configs/pretrain_imagenet.py:r50_1x_sk1 --target=v5p:4x4x4
     python -m simclr_jax.plan --config=configs/pretrain_imagenet.py:r152_3x_sk1 --target=h100x8 --fit
+    python -m simclr_jax.plan --config=configs/pretrain_imagenet.py:r50_1x_sk1 --target=h100x1 \
+        --config.batch_size=4096 --fit_chunks
     python -m simclr_jax.plan --config=... --target=v4-128 --out=plan.json [--config.batch_size=...]
 
 The step is the trainer's own (simclr_jax/planning/stages.py), compiled ahead of time from
 abstract shapes for compile-only devices (libtpu for TPUs: the [tpu] extra; JAX's CUDA plugin for
 GPUs: the [plan-gpu] extra). It prints memory per device against the device's HBM (FITS or DOES
 NOT FIT), XLA's FLOPs beside the analytic count, the collectives, and a roofline bound on the step,
-epoch and run time, with the host decode rate the input needs. Memory, FLOPs and collectives are
+epoch and run time, with the host decode rate the input needs. --fit searches the largest batch
+that fits; --fit_chunks the fewest accumulation chunks (config.accumulation_chunks) at which the
+config's batch fits. Memory, FLOPs and collectives are
 facts about the compiled program; every time is a lower bound, not a measurement.
 """
 
@@ -40,7 +44,14 @@ def main(argv: list[str]) -> None:
         rate = host_rate.images_per_second_per_core(image_size=values.config.dataset.image_size)
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     logging.info("Compiling %s for %s (a large model takes minutes)", name, target.name)
-    if values.fit:
+    if values.fit and values.fit_chunks:
+        raise ValueError("--fit and --fit_chunks search different things: give one")
+    if values.fit_chunks:
+        found = planner.fit_chunks(values.config, target, capacity_gib=values.capacity_gib)
+        plan = found["fits"] or found["previous"]
+        print(report.describe_fit_chunks(found))
+        result = {**plan, "fit_chunks": {k: found[k] for k in ("chunks", "tried")}}
+    elif values.fit:
         found = planner.fit(values.config, target, capacity_gib=values.capacity_gib)
         plan = found["fits"] or found["next"]
         print(report.describe_fit(found))
@@ -65,6 +76,11 @@ def define_flags() -> None:
         "target", None, "What to plan for: a TPU topology or type, or a GPU machine."
     )
     flags.DEFINE_bool("fit", False, "Search the largest power-of-two per-device batch that fits.")
+    flags.DEFINE_bool(
+        "fit_chunks",
+        False,
+        "Search the fewest accumulation_chunks (a power of two) at which the config's batch fits.",
+    )
     flags.DEFINE_string("out", None, "Also write the plan as JSON here.")
     flags.DEFINE_float(
         "host_rate",

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simclr_jax import cli, losses, memory, optim, parallel, validation
+from simclr_jax import accumulation, cli, losses, memory, optim, parallel, validation
 from simclr_jax.data import stage_data, views
 from simclr_jax.models import SimCLRModel, build_for_run, init_variables
 from simclr_jax.parallel import DATA_AXIS
@@ -107,7 +107,10 @@ def make_view_gradient_fn(model: SimCLRModel, config: ml_collections.ConfigDict)
 
 def make_train_step(model: SimCLRModel, config: ml_collections.ConfigDict):
     """Per-replica step: views, gradients, the optimizer update (LARS by default); with the
-    memory, then its update (simclr_jax.memory: view b's keys from the EMA network enter)."""
+    memory, then its update (simclr_jax.memory: view b's keys from the EMA network enter).
+    With config.accumulation_chunks > 1, the same in chunks (simclr_jax.accumulation)."""
+    if config.accumulation_chunks > 1:
+        return accumulation.make_train_step(model, config)
     view_gradients = make_view_gradient_fn(model, config)
     use_memory, decay = config.memory.enabled, config.memory.ema_decay
     clean_every = config.probe.clean_every

@@ -99,6 +99,8 @@ def check_schedule(config: ml_collections.ConfigDict) -> None:
     """Length, batch and bookkeeping fields shared by every stage."""
     positive("batch_size", config.batch_size)
     positive("eval_batch_size", config.eval_batch_size)
+    chunks = config.accumulation_chunks
+    require(is_int(chunks) and chunks >= 1, "accumulation_chunks", "an int >= 1", chunks)
     non_negative("num_steps", config.num_steps)
     if config.num_steps == 0:
         positive("num_epochs (or set num_steps > 0)", config.num_epochs)

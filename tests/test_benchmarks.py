@@ -121,3 +121,18 @@ def test_collective_bytes_reads_optimised_hlo():
         "all-gather": 32 * 16 * 4,
         "reduce-scatter": 16 * 16 * 2,
     }
+
+
+def test_accumulation_cost_prints_memory_and_times():
+    out = run_script(
+        "benchmarks/accumulation_cost.py", "--config=configs/pretrain_fashion_mnist.py:tiny",
+        "--config.model.backbone=convnet", "--config.model.depth=4", "--cpu_devices=1",
+        "--chunks=2@64", "--time=1,2@64", "--rounds=1", "--steps=1",
+    )  # fmt: skip
+    rows = [key_values(line) for line in out.splitlines() if line.startswith("variant=")]
+    memory = {row["variant"]: row for row in rows if "temp_mb" in row}
+    times = {row["variant"]: row for row in rows if "median_step_ms" in row}
+    assert set(memory) == set(times) == {"1", "2@64"}
+    assert memory["2@64"]["batch"] == "64" and memory["2@64"]["chunk_images"] == "32"
+    assert all(float(row["temp_mb"]) > 0 for row in memory.values())
+    assert float(times["1"]["vs_1"].rstrip("x")) == 1.0 and float(times["2@64"]["vs_1"][:-1]) > 0

@@ -59,7 +59,9 @@ def test_a_small_pretraining_config_planned_for_v5e_has_every_key_and_fits(v5e_p
     assert (plan["num_devices"], plan["num_processes"], plan["per_device_batch"]) == (4, 1, 8)
     memory = plan["memory_bytes"]
     parts = memory["arguments"] + memory["temporaries"] + memory["outputs"]
-    assert memory["total"] == parts - memory["aliases"] + memory["generated_code"]
+    assert memory["total"] == max(
+        parts - memory["aliases"] + memory["generated_code"], memory["peak"]
+    )
     assert memory["aliases"] > 0  # the donated state's buffers are reused
     assert memory["capacity"] == targets.TPU_CHIPS["v5e"].hbm_bytes and plan["fits"]
     json.dumps(plan)  # what --out writes
@@ -193,6 +195,44 @@ def test_fit_finds_the_largest_power_of_two_batch_that_fits(monkeypatch, curve):
             assert found["next"]["per_device_batch"] == 2 * best
         # Memory is about linear in the batch: then 3-4 compiles; a convex curve walks further.
         assert len(found["tried"]) <= (4 if curve == "linear" else 8), found["tried"]
+
+
+@pytest.mark.parametrize("curve", ["inverse", "flatter"])
+def test_fit_chunks_finds_the_fewest_chunks_that_fit(monkeypatch, curve):
+    """The search alone, on made-up memory curves (GiB at K chunks of a per-device batch of 64):
+    it ends at the smallest power of two K that fits, with K / 2 measured and refused."""
+    needed = {"inverse": lambda k: 2 + 32 / k, "flatter": lambda k: 2 + 32 / k**0.5}[curve]
+
+    def fake_plan(config, target, *, mesh, capacity_gib):
+        total = needed(config.accumulation_chunks) * 2**30
+        memory = {"total": total, "capacity": capacity_gib * 2**30}
+        return {"fits": total <= memory["capacity"], "memory_bytes": memory}
+
+    monkeypatch.setattr(planner, "make_plan", fake_plan)
+    mesh = types.SimpleNamespace(devices=np.empty(4))
+    target = targets.parse("v5e:2x2")
+    for capacity in (40, 30, 17, 9, 4.5, 3, 1):
+        found = planner.fit_chunks(small_pretraining(256), target, mesh=mesh, capacity_gib=capacity)
+        fewest = min((k for k in (2**i for i in range(7)) if needed(k) <= capacity), default=0)
+        assert found["chunks"] == fewest, (capacity, found["tried"])
+        if fewest > 1:
+            assert not found["previous"]["fits"] and found["fits"]["fits"]
+        assert len(found["tried"]) <= 5, found["tried"]
+
+
+def test_a_batch_that_does_not_fit_in_one_pass_fits_in_chunks():
+    """Real compiles for a v5e: with a memory budget between the one-pass step's and the
+    4-chunk step's, the search lands on a K at which XLA's own total fits."""
+    config = small_pretraining(256)
+    target, mesh = targets.parse("v5e:2x2"), None
+    one = planner.make_plan(config, target)
+    four = planner.make_plan(planner._with_chunks(config, 4), target)
+    assert four["memory_bytes"]["total"] < one["memory_bytes"]["total"]
+    budget = (one["memory_bytes"]["total"] + four["memory_bytes"]["total"]) / 2 / 2**30
+    found = planner.fit_chunks(config, target, mesh=mesh, capacity_gib=budget)
+    assert found["chunks"] in (2, 4) and found["fits"]["fits"], found["tried"]
+    assert not found["previous"]["fits"]
+    assert found["fits"]["memory_bytes"]["total"] <= budget * 2**30
 
 
 def test_targets_accept_topologies_accelerator_types_and_gpu_machines():

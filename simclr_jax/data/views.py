@@ -31,10 +31,17 @@ def example_keys(
 
 
 def contrastive_views(
-    config: ml_collections.ConfigDict, step: jax.Array, images: jax.Array
+    config: ml_collections.ConfigDict,
+    step: jax.Array,
+    images: jax.Array,
+    example_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pretraining's two views of uint8 images (SimCLR augmentation, config.augment)."""
-    key, example_ids = example_keys(config.seed, step, images.shape[0])
+    """Pretraining's two views of uint8 images (SimCLR augmentation, config.augment).
+
+    example_ids: the rows' global ids when `images` is a part of this replica's batch (a chunk of
+    gradient accumulation); None: `images` is the whole replica batch."""
+    key, ids = example_keys(config.seed, step, images.shape[0])
+    example_ids = ids if example_ids is None else example_ids
     aug = config.augment
     return augment.simclr_views(
         key,

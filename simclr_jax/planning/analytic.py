@@ -3,11 +3,12 @@
 Forward FLOPs of one image come from the network's shapes (models/flops.py). A training image
 costs its forward and a backward of about twice that (the gradients with respect to activations
 and to weights), so 3x; inference-only passes cost 1x. Per image of the global batch:
-- pretraining: 2 views x 3 forward; the probe's clean pass on every clean_every-th image (1x); the
-  memory's EMA network on one view (1x); NT-Xent's similarity matrix, [2B, 2B + M] x d per
-  forward, and its backward;
+- pretraining: 2 views x 3 forward (with accumulation_chunks > 1, one more forward of both
+  views: GradCache's first pass, simclr_jax/accumulation.py); the probe's clean pass on every
+  clean_every-th image (1x); the memory's EMA network on one view (1x); NT-Xent's similarity
+  matrix, [2B, 2B + M] x d per forward, and its backward;
 - fine-tuning: 3 forward (a frozen backbone still runs its forward; its backward is skipped, so
-  this overcounts linear evaluation);
+  this overcounts linear evaluation); chunks, if any, are plain accumulation: no extra pass;
 - distillation: the teacher's forward (1x) and the student's 3x, plus the labelled batch's.
 """
 
@@ -37,6 +38,8 @@ def flops_per_image(
     forward = model_flops.forward_flops(model, size, channels)
     if stage == "pretrain":
         total = 2 * TRAIN_FACTOR * forward
+        if config.accumulation_chunks > 1:
+            total += 2 * forward  # pass 1: the projections without activations kept
         if config.probe.clean_every > 0:
             total += forward / config.probe.clean_every
         negatives = 2 * config.batch_size

@@ -3,7 +3,8 @@
 `make_plan` returns a flat dict whose keys the command prints and writes as JSON (PLAN_KEYS are
 the stable ones scripts may read). Memory, FLOPs, bytes and collectives are facts about the
 compiled program; every time is a lower bound (planning/roofline.py). `fit` searches the largest
-per-device batch (powers of two) whose program fits.
+per-device batch (powers of two) whose program fits, `fit_chunks` the fewest accumulation chunks
+at which the config's batch fits.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _program_facts(
         "cost_source": cost["source"],
         "collectives": {kind: c.as_dict() for kind, c in found.items()},
         "compile_s": compile_s,
-        "notes": list(planned.notes) + _notes(target, oom),
+        "notes": list(planned.notes) + _notes(target, oom) + _chunk_notes(planned.config),
     }
 
 
@@ -133,7 +134,7 @@ def _bounds(
     """The roofline bound on the step and what follows from it (bounds, not measurements)."""
     link_bytes = sum(c["link_bytes"] for c in plan["collectives"].values())
     bound = roofline.step_bound(
-        target, plan["flops_per_step_per_device"], plan["bytes_accessed_per_step_per_device"],
+        target, _flops_for_bound(planned.config, plan), plan["bytes_accessed_per_step_per_device"],
         link_bytes,
     )  # fmt: skip
     run = roofline.run_bounds(
@@ -156,6 +157,16 @@ def _bounds(
         "host_images_per_s_per_core": host_rate if streamed else None,
         "host_cores_needed": (host_needed / host_rate) if host_rate and host_needed else None,
     }
+
+
+def _flops_for_bound(config: ml_collections.ConfigDict, plan: dict[str, Any]) -> float:
+    """XLA's FLOPs, or with accumulation chunks the larger of XLA's and the analytic count: XLA's
+    cost analysis counts a loop's body once, not once per chunk."""
+    flops = plan["flops_per_step_per_device"]
+    if config.accumulation_chunks > 1:
+        per_device = config.batch_size / plan["num_devices"]
+        flops = max(flops, plan["analytic_flops_per_image"] * per_device)
+    return flops
 
 
 def fit(
@@ -207,6 +218,64 @@ def fit(
     }
 
 
+def fit_chunks(
+    config: ml_collections.ConfigDict,
+    target: targets.Target,
+    *,
+    mesh: Mesh | None = None,
+    capacity_gib: float | None = None,
+) -> dict[str, Any]:
+    """The smallest accumulation_chunks K (a power of two dividing the per-device batch) at which
+    the config's batch fits, and the plan at K / 2 that does not.
+
+    Memory is about a + b / K (the state and the whole batch's projections, plus one chunk's
+    activations): a line through K = 1 and K = 4 in 1 / K gives a first guess, then the search
+    walks by halving or doubling. Returns {'chunks' (0 when none fits), 'fits': the plan at it,
+    'previous': the plan at K / 2, 'tried': [(K, fits)]}.
+    """
+    mesh = mesh if mesh is not None else mesh_for(target)
+    per_device = config.batch_size // mesh.devices.size
+    largest = per_device & -per_device  # the largest power of two dividing it
+    plans: dict[int, dict[str, Any]] = {}
+    tried: list[tuple[int, bool]] = []
+
+    def fits(chunks: int) -> bool:
+        if chunks not in plans:
+            plan = make_plan(_with_chunks(config, chunks), target, mesh=mesh,
+                             capacity_gib=capacity_gib)  # fmt: skip
+            plans[chunks] = plan
+            tried.append((chunks, plan["fits"]))
+        return plans[chunks]["fits"]
+
+    best = 1
+    if not fits(1) and largest > 1:
+        other = min(4, largest)
+        fits(other)
+        best = min(max(_chunks_estimate(plans, 1, other), 2), largest)
+        while not fits(best) and best < largest:
+            best *= 2
+        while fits(best) and best > 1 and fits(best // 2):
+            best //= 2
+    found = fits(best)
+    return {
+        "chunks": best if found else 0,
+        "fits": plans[best] if found else None,
+        "previous": plans.get(best // 2) if found else plans[best],
+        "tried": tried,
+    }
+
+
+def _chunks_estimate(plans: dict[int, dict[str, Any]], a: int, b: int) -> int:
+    """The smallest power of two K with a line through two (1 / K, total) points under capacity."""
+    total = {k: plans[k]["memory_bytes"]["total"] for k in (a, b)}
+    capacity = plans[a]["memory_bytes"]["capacity"]
+    slope = (total[a] - total[b]) / (1 / a - 1 / b)
+    fixed = total[a] - slope / a
+    if slope <= 0 or fixed >= capacity:
+        return 2**30  # no K fits on this line: the caller tries its largest K
+    return int(2 ** np.ceil(np.log2(max(1.0, slope / (capacity - fixed)))))
+
+
 def _estimate(plans: dict[int, dict[str, Any]], a: int, b: int) -> int:
     """The largest power of two under the line through two measured (batch, total) points."""
     if a == b:
@@ -229,6 +298,13 @@ def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections
         changed.batch_size = batch
         if "memory" in changed and changed.memory.enabled and changed.memory.size < batch:
             changed.memory.size = batch  # the queue must hold one step's keys
+    return changed
+
+
+def _with_chunks(config: ml_collections.ConfigDict, chunks: int) -> ml_collections.ConfigDict:
+    changed = copy.deepcopy(config)
+    with changed.unlocked():
+        changed.accumulation_chunks = chunks
     return changed
 
 
@@ -255,9 +331,19 @@ def _compile(lowered: jax.stages.Lowered) -> tuple[Any, dict[str, Any], bool]:
         if match is None:
             raise
         used = float(match[1]) * _UNITS[match[2]]
-        keys = ("arguments", "temporaries", "outputs", "aliases", "generated_code")
+        keys = ("arguments", "temporaries", "outputs", "aliases", "generated_code", "peak")
         return None, {**dict.fromkeys(keys), "total": int(used)}, True
     return compiled, program.memory(compiled), False
+
+
+def _chunk_notes(config: ml_collections.ConfigDict) -> list[str]:
+    if config.accumulation_chunks <= 1:
+        return []
+    return [
+        f"accumulation_chunks={config.accumulation_chunks}: XLA counts each chunk loop's body "
+        "once, so its FLOPs and bytes are per chunk there; the compute bound uses the analytic "
+        "count, the memory bound stays XLA's (weaker)"
+    ]
 
 
 def _notes(target: targets.Target, oom: bool) -> list[str]:

@@ -59,13 +59,32 @@ def describe_fit(found: dict[str, Any]) -> str:
     )
 
 
+def describe_fit_chunks(found: dict[str, Any]) -> str:
+    tried = ", ".join(f"{k}: {'fits' if ok else 'no'}" for k, ok in found["tried"])
+    if not found["chunks"]:
+        needs = _gib(found["previous"]["memory_bytes"]["total"])
+        return f"Fit: no accumulation_chunks makes this batch fit ({needs} at most chunks; tried {tried})"
+    best, before = found["fits"], found["previous"]
+    beyond = (
+        f"; {found['chunks'] // 2} needs {_gib(before['memory_bytes']['total'])}" if before else ""
+    )
+    return (
+        f"Fit: the fewest accumulation_chunks at which batch {best['global_batch']:,} fits is "
+        f"{found['chunks']} ({best['per_device_batch'] // found['chunks']:,} images per device per "
+        f"chunk), {_gib(best['memory_bytes']['total'])} of {_gib(best['memory_bytes']['capacity'])}"
+        f"{beyond} (tried {tried})"
+    )
+
+
 def _gib(value: float | None) -> str:
     return "?" if value is None else f"{value / GIB:.2f} GiB"
 
 
 def _memory_parts(memory: dict[str, Any]) -> str:
-    names = ("arguments", "temporaries", "outputs", "aliases", "generated_code")
-    return ", ".join(f"{name.replace('_', ' ')} {_gib(memory[name])}" for name in names)
+    names = ("arguments", "temporaries", "outputs", "aliases", "generated_code", "peak")
+    return ", ".join(
+        f"{name.replace('_', ' ')} {_gib(memory.get(name))}" for name in names if name in memory
+    )
 
 
 def _accessed(value: float | None) -> str:

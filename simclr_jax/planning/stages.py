@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from simclr_jax import distill, finetune, parallel, pretrain, saved_run, validation
+from simclr_jax import accumulation, distill, finetune, parallel, pretrain, saved_run, validation
 from simclr_jax.configs import base
 from simclr_jax.data import stage_data
 from simclr_jax.models import build_model
@@ -44,7 +44,11 @@ class PlannedStep:
     teacher: Any = None  # distillation: the teacher network
 
     def lower(self) -> jax.stages.Lowered:
-        return self.mapped.lower(*self.arguments)
+        """Traced as for the mesh's platform: accumulation's chunk loops are unrolled only for a
+        CPU (accumulation.loops_unrolled), whatever platform this process runs on."""
+        platform = jax.tree.leaves(self.arguments)[0].sharding.mesh.devices.flat[0].platform
+        with accumulation.unrolled_loops(platform == "cpu"):
+            return self.mapped.lower(*self.arguments)
 
 
 def stage_of(config: ml_collections.ConfigDict) -> str:

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from simclr_jax import parallel
+from simclr_jax import accumulation, parallel
 from simclr_jax.models import frozen_tree, keep_frozen_stats
 from simclr_jax.optim import make_optimizer
 from simclr_jax.train.state import TrainState
@@ -43,6 +44,34 @@ def averaged_update(
     keep their old values bit for bit.
     """
     grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return _apply_averaged(state, grads, aux, batch_stats, model_config)
+
+
+def accumulated_update(
+    state: TrainState, loss_fn: Callable, batch: Any, chunks: int, model_config: Any = None
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """averaged_update of `loss_fn(params, batch) -> (loss, (metrics, batch_stats))` with the
+    batch (a tree of [n, ...] leaves) in `chunks` equal chunks, one chunk's activations at a time.
+
+    Gradients, metrics and BN statistics are the means over the chunks: exact for a loss that is
+    a mean over examples (cross-entropy, distillation), but BatchNorm in training mode normalises
+    each chunk with its own statistics. chunks=1 is averaged_update on the whole batch.
+    """
+    if chunks == 1:
+        return averaged_update(state, lambda params: loss_fn(params, batch), model_config)
+
+    def one(chunk, after):  # after: accumulation.scan_sum's zero, added to the float inputs
+        floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+        chunk = jax.tree.map(lambda x: x + after.astype(x.dtype) if floating(x) else x, chunk)
+        grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params, chunk)
+        return grads, aux, batch_stats
+
+    total = accumulation.scan_sum(one, accumulation.split(batch, chunks))
+    grads, aux, batch_stats = jax.tree.map(lambda x: x / chunks, total)
+    return _apply_averaged(state, grads, aux, batch_stats, model_config)
+
+
+def _apply_averaged(state, grads, aux, batch_stats, model_config):
     grads, aux, batch_stats = parallel.replica_mean((grads, aux, batch_stats))
     if model_config is not None:
         frozen = _frozen(model_config, state.batch_stats)

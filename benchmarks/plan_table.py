@@ -26,15 +26,25 @@ EXTRA = (  # (name, config, target): the official README's anchor and one GPU's 
     ("v1_r50_1x_sk0", "configs/pretrain_imagenet.py:v1", "v3:4x4"),
     ("cifar10_r18", "configs/pretrain_cifar10.py:reference", "h100x1"),
 )
+# Gradient accumulation: ResNet-50 at the papers' batch of 4096 on one GPU box, one TPU host, one GPU.
+CHUNKS = (1, 2, 4, 8, 16)
+CHUNK_TARGETS = ("h100x8", "v4:2x2x1", "h100x1")
 
 
-def cells() -> list[tuple[str, str, str]]:
+def cells() -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(cell, config, target, config overrides) for every cell of the tables."""
     found = [
-        (f"{model}@{target}", f"configs/pretrain_imagenet.py:{model}", target)
+        (f"{model}@{target}", f"configs/pretrain_imagenet.py:{model}", target, ())
         for model in MODELS
         for target in TARGETS
     ]
-    return found + [(f"{name}@{target}", config, target) for name, config, target in EXTRA]
+    found += [(f"{name}@{target}", config, target, ()) for name, config, target in EXTRA]
+    return found + [
+        (f"r50_1x_sk0_b4096_k{k}@{target}", "configs/pretrain_imagenet.py:r50_1x_sk0", target,
+         ("--config.batch_size=4096", f"--config.accumulation_chunks={k}"))
+        for target in CHUNK_TARGETS
+        for k in CHUNKS
+    ]  # fmt: skip
 
 
 def file_name(cell: str) -> str:
@@ -43,14 +53,14 @@ def file_name(cell: str) -> str:
 
 def compile_cells(out: Path, host_rate: float, timeout_s: int, only: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for cell, config, target in cells():
+    for cell, config, target, overrides in cells():
         path = out / file_name(cell)
         if path.exists() or (only and only not in cell):
             continue
         started = time.time()
         done = subprocess.run(
             [sys.executable, "-m", "simclr_jax.plan", f"--config={ROOT / config}",
-             f"--target={target}", f"--out={path}", f"--host_rate={host_rate}"],
+             f"--target={target}", f"--out={path}", f"--host_rate={host_rate}", *overrides],
             capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
             env=dict(os.environ, JAX_PLATFORMS="cpu"),
         )  # fmt: skip
@@ -65,7 +75,9 @@ def table(out: Path) -> str:
         "| limited by | compile (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for cell, _, target in cells():
+    for cell, _, target, overrides in cells():
+        if overrides:
+            continue
         path = out / file_name(cell)
         if not path.exists():
             rows.append(f"| {cell.split('@')[0]} | {target} | (not compiled) |" + " |" * 9)
@@ -86,6 +98,29 @@ def table(out: Path) -> str:
     return "\n".join(rows)
 
 
+def chunk_table(out: Path) -> str:
+    """Gradient accumulation's memory and bound per K (ResNet-50, batch 4096)."""
+    rows = [
+        "| target | K | images per device per chunk | total per device (GiB) | XLA peak (GiB) "
+        "| fits? | step >= (s) | compile (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cell, _, target, overrides in cells():
+        path = out / file_name(cell)
+        if not overrides or not path.exists():
+            continue
+        plan = json.loads(path.read_text())
+        k = int(overrides[-1].split("=")[1])
+        memory = plan["memory_bytes"]
+        rows.append(
+            f"| {target} | {k} | {plan['per_device_batch'] // k} | "
+            f"{memory['total'] / 2**30:.2f} of {memory['capacity'] / 2**30:.1f} | "
+            f"{memory.get('peak', 0) / 2**30:.2f} | {'yes' if plan['fits'] else '**no**'} | "
+            f"{plan['step_time_bound_s']:.3f} | {plan['compile_s']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "plans")
@@ -95,7 +130,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="compile only cells whose name has this")
     args = parser.parse_args()
     if args.table:
-        print(table(args.out))
+        print(table(args.out) + "\n\n" + chunk_table(args.out))
     else:
         compile_cells(args.out, args.host_rate, args.timeout_s, args.only)
 

@@ -24,7 +24,6 @@ start it from a pretraining run (then that run's architecture is the default).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -126,13 +125,10 @@ def make_stage(
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    stop_at_step: int | None = None,
-    accept_config_changes: bool = False,
+    config: ml_collections.ConfigDict, workdir: str, **run_options: Any
 ) -> dict[str, Any]:
-    """Distil the teacher into the student, resuming from `workdir`; returns the final metrics.
+    """Distil the teacher into the student, resuming from `workdir`; returns the final metrics
+    (run_options: runner.run's).
 
     Results: the last training metrics ('loss', 'distill_loss', 'teacher_agreement',
     'labeled_loss' when alpha > 0), the student's 'eval_top1'/'eval_top5'/'eval_loss'/'eval_count',
@@ -163,10 +159,7 @@ def train_and_evaluate(
     found = evaluators.from_config(
         config, dp, stage.model, data, teacher=evaluators.Teacher(teacher, teacher_variables)
     )
-    return runner.run(
-        config, workdir, dp, dataclasses.replace(stage, evaluators=found),
-        stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
-    )  # fmt: skip
+    return runner.run(config, workdir, dp, stage.with_evaluators(found), **run_options)
 
 
 if __name__ == "__main__":

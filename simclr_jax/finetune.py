@@ -28,7 +28,6 @@ classifier, on fixed features of the chosen layer.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -120,13 +119,10 @@ def make_stage(
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    stop_at_step: int | None = None,
-    accept_config_changes: bool = False,
+    config: ml_collections.ConfigDict, workdir: str, **run_options: Any
 ) -> dict[str, Any]:
-    """Fine-tune (or train from scratch), resuming from `workdir`; returns the final metrics.
+    """Fine-tune (or train from scratch), resuming from `workdir`; returns the final metrics
+    (run_options: runner.run's).
 
     Results: the last training metrics ('loss', 'train_top1'), 'eval_top1', 'eval_top5',
     'eval_loss', 'eval_count' (the whole eval split), 'knn_top1' (when on), 'num_labeled', 'step'.
@@ -141,10 +137,7 @@ def train_and_evaluate(
     data = stage_data.labeled_data(config, dp.mesh, channels=None if run is None else run.channels)
     stage = make_stage(config, dp, data, run)
     found = evaluators.from_config(config, dp, stage.model, data)
-    return runner.run(
-        config, workdir, dp, dataclasses.replace(stage, evaluators=found),
-        stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
-    )  # fmt: skip
+    return runner.run(config, workdir, dp, stage.with_evaluators(found), **run_options)
 
 
 if __name__ == "__main__":

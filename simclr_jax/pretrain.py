@@ -9,7 +9,6 @@ evaluators; train/runner.py runs it. Rerunning the same command resumes from the
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -162,22 +161,16 @@ def make_stage(
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    stop_at_step: int | None = None,
-    accept_config_changes: bool = False,
+    config: ml_collections.ConfigDict, workdir: str, **run_options: Any
 ) -> dict[str, Any]:
-    """Pretrain, resuming from `workdir`; returns the final metrics (see runner.run)."""
+    """Pretrain, resuming from `workdir`; returns the final metrics (see runner.run, which
+    takes run_options: stop_at_step, accept_config_changes)."""
     validation.validate_pretrain(config)
     dp = parallel.from_config(config)
     data = stage_data.pretraining_data(config, dp.mesh)
     stage = make_stage(config, dp, data)
     found = evaluators.from_config(config, dp, stage.model, data)
-    return runner.run(
-        config, workdir, dp, dataclasses.replace(stage, evaluators=found),
-        stop_at_step=stop_at_step, accept_config_changes=accept_config_changes,
-    )  # fmt: skip
+    return runner.run(config, workdir, dp, stage.with_evaluators(found), **run_options)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from devices import xla_flags
 
 from simclr_jax import parallel, pretrain, validation
 from simclr_jax.configs import pretrain_fashion_mnist
@@ -33,7 +34,7 @@ WITH_BN = 1e-4
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4))
     script = str(HERE / "multidevice" / "accumulation.py")
     runs = [
         subprocess.Popen(

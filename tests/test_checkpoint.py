@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from absl import logging
+from devices import xla_flags
 
 from simclr_jax.train.checkpoint import (
     CheckpointManager,
@@ -184,7 +185,7 @@ def test_restore_onto_a_replicated_mesh_target(tmp_path):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags(8),
         PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
     )
     result = subprocess.run(

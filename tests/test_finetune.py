@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from devices import xla_flags
 from ml_collections import config_flags
 
 from simclr_jax import finetune, parallel, saved_run, validation
@@ -83,7 +84,7 @@ def test_label_subsets_are_the_same_in_another_process_with_other_devices():
     )
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags(8),
         JAX_PLATFORMS="cpu",
         PYTHONHASHSEED="12345",
     )

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from devices import xla_flags
 
 from simclr_jax import memory, pretrain
 from simclr_jax.configs import pretrain_fashion_mnist, pretrain_imagenet
@@ -110,7 +111,7 @@ def test_bad_memory_config_names_the_field(field, value, needle):
 @pytest.fixture(scope="module")
 def step_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory_queue") / "run.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     result = subprocess.run(
         [sys.executable, str(HERE / "multidevice" / "memory_queue.py"), str(out)],
         capture_output=True,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from devices import xla_flags
 
 HERE = pathlib.Path(__file__).resolve().parent
 KINDS = ("pretrain", "finetune", "distill")
@@ -15,7 +16,7 @@ KINDS = ("pretrain", "finetune", "distill")
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     result = subprocess.run(
         [sys.executable, str(HERE / "multidevice" / "compare_steps.py")],
         capture_output=True,

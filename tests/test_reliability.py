@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from devices import xla_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -178,7 +179,7 @@ def test_batch_that_does_not_divide_the_devices(tmp_path):
         "from simclr_jax import pretrain; c = p.get_config('tiny'); c.batch_size = 12;"
         f"pretrain.train_and_evaluate(c, {str(tmp_path)!r})"
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     result = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,

@@ -10,6 +10,7 @@ import textwrap
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import xla_flags
 
 from simclr_jax.train.scoring import exact_evaluate, knn_classify, knn_evaluate, knn_scores
 
@@ -101,7 +102,7 @@ def test_exact_evaluate_on_batches_sharded_over_devices(devices, n):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
     )
     script = SHARDED_SCRIPT.format(tests=os.path.join(REPO, "tests"), n=n)

@@ -40,6 +40,9 @@ class Stage:
     results: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # added at the end
     model: Any = None  # the network the step trains (the evaluators and the planner read it)
 
+    def with_evaluators(self, evaluators: Sequence[Any]) -> Stage:
+        return dataclasses.replace(self, evaluators=tuple(evaluators))
+
 
 def map_step(
     dp: parallel.DataParallel, step: Callable, *, skip_nonfinite: bool, num_replicated: int = 0

@@ -355,3 +355,29 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     assert done.returncode == 0, done.stderr[-2000:]
     peak = int(done.stdout.split()[-1])
     assert peak < 2.0 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize(
+    "message, needed",
+    [
+        ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+         "hbm. Used 30.25G of 15.48G hbm. Exceeded hbm capacity by 14.77G.", 30.25),
+        ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (18.81G) exceeds available HBM (15.25G).", 18.81),
+    ],
+)  # fmt: skip
+def test_both_forms_of_xla_tpu_out_of_memory_become_a_plan_that_does_not_fit(message, needed):
+    class Refused:
+        def compile(self):
+            raise RuntimeError(message)
+
+    compiled, memory, oom = planner._compile(Refused())
+    assert compiled is None and oom
+    assert memory["total"] == int(needed * 2**30)
+
+    class Broken:
+        def compile(self):
+            raise RuntimeError("INTERNAL: something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        planner._compile(Broken())

@@ -31,7 +31,11 @@ PLAN_KEYS = (
     "host_images_per_s_needed",
 )  # fmt: skip
 GPU_MEMORY_FRACTION = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION on a GPU
-_TPU_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
+# XLA:TPU's two ways of refusing a program too large for HBM (the bytes it needed come first).
+_TPU_OOM = (
+    re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
+    re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM"),
+)
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -322,12 +326,13 @@ def _without_compilation_cache():
 
 def _compile(lowered: jax.stages.Lowered) -> tuple[Any, dict[str, Any], bool]:
     """(compiled or None, memory dict, out of memory?): XLA:TPU refuses at compile time a
-    program that does not fit, with the bytes it would have used, which become the total."""
+    program that does not fit, with the bytes it would have used (all of them, or its
+    temporaries alone: then a total at least that large), which become the total."""
     try:
         with _without_compilation_cache():
             compiled = lowered.compile()
     except Exception as error:  # noqa: BLE001 - only XLA:TPU's out-of-memory refusal is ours
-        match = _TPU_OOM.search(str(error))
+        match = next(filter(None, (form.search(str(error)) for form in _TPU_OOM)), None)
         if match is None:
             raise
         used = float(match[1]) * _UNITS[match[2]]

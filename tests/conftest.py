@@ -11,9 +11,3 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# LLVM's optimisation passes off: the tests' tiny programs compile about twice as fast, and they
-# run a few steps each. XLA's HLO passes (what decides the numerics) are unchanged. Tests that
-# start processes with more devices add to these flags (tests/devices.py).
-os.environ["XLA_FLAGS"] = " ".join(
-    (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0")
-).strip()

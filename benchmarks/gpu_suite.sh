@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: one command, one GPU, under 10 minutes. It runs the throughput table of
-# benchmarks/RESULTS.md (ours and the PyTorch peer), a short Fashion-MNIST ResNet-18 pretraining
-# with its probe accuracy, and appends dated rows to RESULTS.md. Each part has its own time limit;
+# benchmarks/RESULTS.md (ours and the PyTorch peer), the planner's bound for the pretraining
+# config, a short Fashion-MNIST ResNet-18 pretraining with its probe accuracy and its measured
+# images/s against that bound, and appends dated rows to RESULTS.md. Each part has its own time limit;
 # a part that fails or runs out of time does not stop the others. Works offline and without
 # TensorFlow: the pretraining reads the four Fashion-MNIST .gz files from a folder.
 set -euo pipefail
@@ -11,17 +12,20 @@ usage() {
 usage: bash benchmarks/gpu_suite.sh [--dry-run] [--parts LIST] [--python PY] [--data_dir DIR]
                                     [--pretrain_epochs E] [--peak_tflops T] [--log_dir DIR]
                                     [--workdir DIR] [--results FILE] [--no-append]
-                                    [--limit PART=SECONDS]... [--record ROWS.md]
+                                    [--plan_target T] [--limit PART=SECONDS]... [--record ROWS.md]
 
 Parts, in order, with their time limits in seconds:
-  ours_r18_cifar  benchmarks/throughput.py --preset r18_cifar --data device,views  (75)
+  ours_r18_cifar  benchmarks/throughput.py --preset r18_cifar --data device,views  (70)
   peer_r18_cifar  benchmarks/peer_torch.py --preset r18_cifar --device cuda        (60)
-  ours_r50        benchmarks/throughput.py --preset r50 --data device,views        (130)
+  ours_r50        benchmarks/throughput.py --preset r50 --data device,views        (125)
   peer_r50        benchmarks/peer_torch.py --preset r50 --device cuda              (90)
+  plan            python -m simclr_jax.plan of the pretraining's config for --plan_target:
+                  memory, FLOPs and the roofline bound, compiled ahead of time         (40)
   pretrain        simclr_jax.pretrain, pretrain_fashion_mnist.py:resnet18 (ResNet-18 at full
-                  width, CIFAR stem, warmup then cosine) for --pretrain_epochs, bf16    (150)
-  plot            python -m simclr_jax.plot of the pretraining workdir                  (25)
-Before them, checks of nvidia-smi (10), jax (30) and torch (30): 600 s in all. Time a part or
+                  width, CIFAR stem, warmup then cosine) for --pretrain_epochs, bf16;
+                  its row puts the measured images/s beside the plan's bound           (135)
+  plot            python -m simclr_jax.plot of the pretraining workdir                  (20)
+Before them, checks of nvidia-smi (10), jax (25) and torch (25): 600 s in all. Time a part or
 check leaves unused (or a skipped part's) extends the next parts' limits, so the whole suite
 stays within the sum. The peer parts run only when torch and torchvision import and see a GPU.
 A first run compiles everything; a rerun on the same machine reads the compilation cache
@@ -35,6 +39,7 @@ A first run compiles everything; a rerun on the same machine reads the compilati
   --pretrain_epochs  epochs of the short pretraining (default 10 = 1170 steps of 512 images);
                      the warmup is 5% of them, as the preset's 10 of 200
   --peak_tflops T    dense bf16 peak per GPU for the MFU (default 989: H100 / H200)
+  --plan_target T    the planner's target (default: h200x1 on an H200, else h100x1)
   --log_dir DIR      logs, curves PNG, rows.md and summary.txt (default: a new temporary folder)
   --workdir DIR      the pretraining workdir (default: a new temporary folder; an existing
                      workdir is resumed)
@@ -75,16 +80,17 @@ FASHION_MNIST_FILES=(
 )
 SECTION="## GPU suite runs (benchmarks/gpu_suite.sh)"
 TABLE_HEADER="| date | device | commit | command | numbers | status |"
-PART_NAMES=(ours_r18_cifar peer_r18_cifar ours_r50 peer_r50 pretrain plot check_gpu check_jax check_torch)
+PART_NAMES=(ours_r18_cifar peer_r18_cifar ours_r50 peer_r50 plan pretrain plot check_gpu check_jax
+  check_torch)
 declare -A LIMIT=(
-  [ours_r18_cifar]=75 [peer_r18_cifar]=60 [ours_r50]=130 [peer_r50]=90 [pretrain]=150 [plot]=25
-  [check_gpu]=10 [check_jax]=30 [check_torch]=30
+  [ours_r18_cifar]=70 [peer_r18_cifar]=60 [ours_r50]=125 [peer_r50]=90 [plan]=40 [pretrain]=135
+  [plot]=20 [check_gpu]=10 [check_jax]=25 [check_torch]=25
 )
 KILL_AFTER=15  # a part gets SIGTERM at its limit (the trainer then saves and stops), SIGKILL later
 PLANNED=0      # $SECONDS by which the checks and parts so far were allowed to end
 
 DRY_RUN=0 APPEND=1 PARTS="throughput,peer,pretrain" PYTHON="" DATA_DIR="" EPOCHS=10
-PEAK_TFLOPS=989 LOG_DIR="" WORKDIR="" RESULTS="" RECORD=""
+PEAK_TFLOPS=989 LOG_DIR="" WORKDIR="" RESULTS="" RECORD="" PLAN_TARGET=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY_RUN=1; shift ;;
@@ -94,6 +100,7 @@ while [[ $# -gt 0 ]]; do
     --data_dir) DATA_DIR="$(abspath "$(need_value "$@")")"; shift 2 ;;
     --pretrain_epochs) EPOCHS="$(need_value "$@")"; shift 2 ;;
     --peak_tflops) PEAK_TFLOPS="$(need_value "$@")"; shift 2 ;;
+    --plan_target) PLAN_TARGET="$(need_value "$@")"; shift 2 ;;
     --log_dir) LOG_DIR="$(abspath "$(need_value "$@")")"; shift 2 ;;
     --workdir) WORKDIR="$(abspath "$(need_value "$@")")"; shift 2 ;;
     --results) RESULTS="$(abspath "$(need_value "$@")")"; shift 2 ;;
@@ -247,7 +254,8 @@ record_row() {  # record_row NAME: its numbers, and its row in rows.md at once (
   case "$name" in
     ours_*) NUMBERS[$name]=$(throughput_numbers "$LOG_DIR/$name.log") ;;
     peer_*) NUMBERS[$name]=$(peer_numbers "$LOG_DIR/$name.log" "$LOG_DIR/ours_${name#peer_}.log") ;;
-    pretrain) NUMBERS[$name]=$(pretrain_numbers "$WORKDIR") ;;
+    plan) NUMBERS[$name]=$(plan_numbers "$LOG_DIR/plan.json") ;;
+    pretrain) NUMBERS[$name]=$(pretrain_numbers "$WORKDIR" "$LOG_DIR/plan.json") ;;
     plot) NUMBERS[$name]="$LOG_DIR/pretrain_curves.png"; return 0 ;;
   esac
   command="${COMMAND[$name]//$REPO\//}"
@@ -305,8 +313,24 @@ peer_numbers() {  # peer_numbers PEER_LOG OURS_LOG: the peer's speed and ours(vi
   fi
 }
 
-pretrain_numbers() {  # pretrain_numbers WORKDIR: newest values of metrics.jsonl, one line
+plan_numbers() {  # plan_numbers PLAN_JSON: the facts and the bound, one line
   "$PYTHON" - "$1" <<'PY' 2>/dev/null || true
+import json, sys
+
+plan = json.load(open(sys.argv[1]))
+memory = plan["memory_bytes"]
+print(
+    f"{plan['target']}: {memory['total'] / 2**30:.2f} of {memory['capacity'] / 2**30:.1f} GiB "
+    f"({'fits' if plan['fits'] else 'DOES NOT FIT'}), {plan['flops_per_image'] / 1e9:.2f} GFLOP "
+    f"per image (XLA), step >= {plan['step_time_bound_s'] * 1e3:.2f} ms, "
+    f"<= {plan['images_per_s_bound']:,.0f} images/s (bound, {plan['limited_by']})"
+)
+PY
+}
+
+pretrain_numbers() {  # pretrain_numbers WORKDIR [PLAN_JSON]: newest values of metrics.jsonl,
+  # with the measured images/s as a fraction of the plan's bound where there is one; one line
+  "$PYTHON" - "$1" "${2:-}" <<'PY' 2>/dev/null || true
 import json, pathlib, sys
 
 newest = {}
@@ -331,6 +355,10 @@ for key, what, form in [
     if key in newest:
         step, value = newest[key]
         parts.append(f"{what} {form.format(value)} at step {step}")
+plan = pathlib.Path(sys.argv[2]) if sys.argv[2:] and sys.argv[2] else None
+if plan and plan.exists() and "images_per_sec" in newest:
+    bound = json.loads(plan.read_text())["images_per_s_bound"]
+    parts.append(f"{newest['images_per_sec'][1] / bound:.1%} of the plan's bound ({bound:,.0f})")
 print(", ".join(parts))
 PY
 }
@@ -382,6 +410,9 @@ else
   if [[ "$TORCH_CHECK" == cuda* ]]; then VERSIONS+="; torch ${TORCH_CHECK#cuda }"; fi
   DEVICE="${DEVICE:-unknown device}"
   echo "device: $DEVICE; jax: ${JAX_CHECK:-not importable}; torch: ${TORCH_CHECK:-not importable}"
+fi
+if [[ -z "$PLAN_TARGET" ]]; then
+  if [[ "$DEVICE" == *H200* ]]; then PLAN_TARGET=h200x1; else PLAN_TARGET=h100x1; fi
 fi
 jax_problem() {  # why the JAX parts cannot run, or nothing
   ((DRY_RUN)) && return 0
@@ -435,18 +466,26 @@ if wants pretrain; then
     problem+=" --data_dir (see --help)"
   fi
   if [[ -n "$problem" ]]; then
+    skip_part plan "$problem"
     skip_part pretrain "$problem"
   else
+    PRETRAIN_CONFIG=(
+      --config=configs/pretrain_fashion_mnist.py:resnet18
+      --config.dataset.source=local --config.dataset.data_dir="$DATA_DIR"
+      --config.num_epochs="$EPOCHS" --config.optim.warmup_epochs="$WARMUP_EPOCHS"
+      --config.dtype=bfloat16 --config.evals.probe.every_steps="$EVAL_EVERY"
+      --config.evals.knn.every_steps="$EVAL_EVERY"
+    )
+    # The same config planned for this GPU (no host decode rate: the data lives on the device).
+    run_part plan "$LOG_DIR/plan.log" \
+      "$PYTHON" -m simclr_jax.plan "${PRETRAIN_CONFIG[@]}" --target="$PLAN_TARGET" \
+      --host_rate=0 --out="$LOG_DIR/plan.json"
     run_part pretrain "$LOG_DIR/pretrain.log" \
-      "$PYTHON" -m simclr_jax.pretrain \
-      --config=configs/pretrain_fashion_mnist.py:resnet18 --workdir="$WORKDIR" \
-      --config.dataset.source=local --config.dataset.data_dir="$DATA_DIR" \
-      --config.num_epochs="$EPOCHS" --config.optim.warmup_epochs="$WARMUP_EPOCHS" \
-      --config.dtype=bfloat16 --config.evals.probe.every_steps="$EVAL_EVERY" --config.evals.knn.every_steps="$EVAL_EVERY"
+      "$PYTHON" -m simclr_jax.pretrain "${PRETRAIN_CONFIG[@]}" --workdir="$WORKDIR"
     # A run stopped by its limit checkpoints and keeps its metrics: plot whatever it logged.
     if ((DRY_RUN)) || [[ -f "$WORKDIR/metrics.jsonl" ]]; then
       run_part plot /dev/null \
-        "$PYTHON" -m simclr_jax.plot "$WORKDIR" --out "$LOG_DIR/pretrain_curves.png"
+        "$PYTHON" -m simclr_jax.plot --workdir="$WORKDIR" --out="$LOG_DIR/pretrain_curves.png"
     fi
   fi
 fi

@@ -16,8 +16,9 @@
 
 It prints one table and writes, under --workdir: summary.json (the keys of SUMMARY_KEYS; accuracies
 as fractions), curves.png (the pretraining curves), label_efficiency.png, neighbors.png, map.png,
-retrieval.json and embeddings_test.npz (demo_embedding.py), and each stage's workdir.
-Rerunning resumes or skips finished stages. --sweep adds fine-tuning, scratch and linear rows at
+retrieval.json and embeddings_test.npz (demo_embedding.py), features.json and pixels.json (the
+linear fits, kept for a rerun), and each stage's workdir. Rerunning resumes or skips finished
+stages and reads the fits back. --sweep adds fine-tuning, scratch and linear rows at
 60, 6,000 and 60,000 labels (sweep.json), which label_efficiency.png then shows too.
 """
 
@@ -126,6 +127,43 @@ def linear_accuracy(train_x, train_y, test_x, test_y, labels: int, seed: int) ->
     return classifier.accuracy(test_x, test_y)
 
 
+def feature_scores(out: str, pretrain_dir: str, step: int, splits: Splits, counts, seed: int):
+    """What the pretrained features score: kNN, retrieval (with the neighbours and map pictures)
+    and the linear fits at each label count. Kept in out/features.json with the checkpoint's step
+    and the seed, so a rerun of a finished demo reads them back instead of fitting again."""
+    from simclr_jax.train import scoring
+
+    path = os.path.join(out, "features.json")
+    key = {"pretrain_step": step, "seed": seed, "label_counts": sorted(counts.values())}
+    if os.path.exists(path):
+        with open(path) as file:
+            saved = json.load(file)
+        if saved.get("key") == key:
+            saved["linear"] = {int(k): v for k, v in saved["linear"].items()}
+            return saved
+    train_x = embed(pretrain_dir, splits.train_images)
+    test_x = embed(pretrain_dir, splits.test_images)
+    knn = float(
+        scoring.knn_evaluate(
+            train_x, splits.train_labels, test_x, splits.test_labels, num_classes=10
+        )
+    )
+    retrieval, seconds = demo_embedding.embedding_outputs(out, splits, train_x, test_x, seed)
+    linear = {
+        count: float(
+            linear_accuracy(train_x, splits.train_labels, test_x, splits.test_labels, count, seed)
+        )
+        for count in counts.values()
+    }
+    scores = {
+        "key": key, "knn": knn, "retrieval": retrieval, "embedding_seconds": seconds,
+        "linear": linear, "feature_dim": int(train_x.shape[1]),
+    }  # fmt: skip
+    with open(path, "w") as file:
+        json.dump(scores, file, indent=1)
+    return scores
+
+
 def pixel_accuracies(out: str, splits: Splits, label_counts, seed: int) -> dict[int, float]:
     """The raw-pixel baseline at each label count, kept in out/pixels.json (it never changes for
     a seed, so a rerun does not fit it again)."""
@@ -224,30 +262,18 @@ def main(argv) -> None:
     seed, out = config.seed, FLAGS.workdir
     splits = load_splits(config)  # before anything slow: a missing package fails in seconds
     from simclr_jax import pretrain
-    from simclr_jax.train import scoring
 
     os.makedirs(out, exist_ok=True)
     pretrain_dir = os.path.join(out, "pretrain")
     pretrained, pretrain_minutes = run_stage(
         "pretrain", pretrain.train_and_evaluate, config, pretrain_dir
     )
-    train_x = embed(pretrain_dir, splits.train_images)
-    test_x = embed(pretrain_dir, splits.test_images)
-    knn = scoring.knn_evaluate(
-        train_x, splits.train_labels, test_x, splits.test_labels, num_classes=10
-    )
-    retrieval, embedding_seconds = demo_embedding.embedding_outputs(
-        out, splits, train_x, test_x, seed
-    )
     num_train = len(splits.train_labels)
     fractions = SWEEP if FLAGS.sweep else (FEW, 1.0)
     counts = {fraction: round(fraction * num_train) for fraction in fractions}
-    linear = {
-        counts[f]: linear_accuracy(
-            train_x, splits.train_labels, test_x, splits.test_labels, counts[f], seed
-        )
-        for f in fractions
-    }
+    scores = feature_scores(out, pretrain_dir, int(pretrained["step"]), splits, counts, seed)
+    linear, knn, retrieval = scores["linear"], scores["knn"], scores["retrieval"]
+    embedding_seconds = scores["embedding_seconds"]
     pixels = pixel_accuracies(out, splits, counts.values(), seed)
     runs = {
         counts[f]: few_label_runs(out, config, f, counts[f])
@@ -274,7 +300,9 @@ def main(argv) -> None:
     summary["total_minutes"] = (time.time() - started) / 60
     with open(os.path.join(out, "summary.json"), "w") as file:
         json.dump(summary, file, indent=1)
-    print_table(summary, pretrained, few, student, train_x.shape[1], counts, len(test_x))
+    print_table(
+        summary, pretrained, few, student, scores["feature_dim"], counts, len(splits.test_labels)
+    )
 
 
 def _summary(linear, pixels, few, student, pretrained, counts, num_train, **extra) -> dict:

@@ -35,6 +35,11 @@ PEER = (
     "variant=torch_views median_step_ms=100 min_step_ms=99 images_per_s=2560 "
     "s_per_50k_images=19.53 warmup_s=30 loss=7.1 timed_steps=30"
 )
+PLAN = (
+    '{"target": "h200x1", "memory_bytes": {"total": 3221225472, "capacity": 112742891520}, '
+    '"fits": true, "flops_per_image": 1.7e9, "step_time_bound_s": 0.0125, '
+    '"images_per_s_bound": 40960.0, "limited_by": "memory"}'
+)
 # Stands in for the interpreter: canned key=value lines as throughput.py and peer_torch.py print
 # them, a metrics.jsonl as the trainer writes it; each call is recorded in $FAKE_LOG.
 FAKE_PYTHON = f"""#!/usr/bin/env bash
@@ -66,7 +71,10 @@ case "$1" in
       }} >"$workdir/metrics.jsonl"
       [[ -z "$FAKE_SLOW_PRETRAIN" ]] || exec sleep 60
     elif [[ "$2" == simclr_jax.plot ]]; then
-      printf 'PNG' >"$5"
+      for arg in "$@"; do [[ "$arg" != --out=* ]] || printf 'PNG' >"${{arg#--out=}}"; done
+    elif [[ "$2" == simclr_jax.plan ]]; then
+      for arg in "$@"; do [[ "$arg" != --out=* ]] || out="${{arg#--out=}}"; done
+      echo '{PLAN}' >"$out"
     fi ;;
 esac
 """
@@ -164,10 +172,15 @@ def test_dry_run_prints_every_command_and_runs_nothing(fakes):
          "--peak_tflops", "989"],
         [py, "benchmarks/peer_torch.py", "--preset", "r50", "--device", "cuda"],
     ]  # fmt: skip
-    pretrain, plot = parts[4], parts[5]
+    plan, pretrain, plot = parts[4], parts[5], parts[6]
     assert pretrain[:3] == [py, "-m", "simclr_jax.pretrain"]
     workdir = next(a.split("=", 1)[1] for a in pretrain if a.startswith("--workdir="))
-    assert plot[:4] == [py, "-m", "simclr_jax.plot", workdir]
+    assert plot[:4] == [py, "-m", "simclr_jax.plot", f"--workdir={workdir}"]
+    # The plan is the same config (a dry run asks no GPU its name: the default target).
+    assert plan[:3] == [py, "-m", "simclr_jax.plan"] and "--target=h100x1" in plan
+    assert [a for a in plan if a.startswith("--config")] == [
+        a for a in pretrain if a.startswith("--config")
+    ]
     # The flags exist where the commands send them (those scripts are not run here).
     throughput = (ROOT / "benchmarks" / "throughput.py").read_text()
     peer = (ROOT / "benchmarks" / "peer_torch.py").read_text()
@@ -227,8 +240,13 @@ def test_real_path_with_fakes_records_rows_and_survives_failures(fakes, tmp_path
     assert text.startswith("# Benchmark results\n\n## GPU\n\nearlier text\n")
     rows = section_rows(text)
     device = "| NVIDIA H200; jax 0.11.2; torch 2.11.0 |"
-    assert len(rows) == 5 and all(device in row and "| ok (" in row for row in rows)
-    ours_r18, peer_r18, ours_r50, peer_r50, pretrain = rows
+    assert len(rows) == 6 and all(device in row and "| ok (" in row for row in rows)
+    ours_r18, peer_r18, ours_r50, peer_r50, plan, pretrain = rows
+    assert "h200x1: 3.00 of 105.0 GiB (fits), 1.70 GFLOP per image (XLA)" in plan
+    assert "step >= 12.50 ms, <= 40,960 images/s (bound, memory)" in plan
+    assert "25.0% of the plan's bound (40,960)" in pretrain  # 10,240 measured
+    assert "simclr_jax.plan" in fakes["log"].read_text()
+    assert "--target=h200x1" in fakes["log"].read_text()  # nvidia-smi named an H200
     assert "`python benchmarks/throughput.py --preset r18_cifar --data device,views" in ours_r18
     assert "device: 3200 images/s, 80 ms/step, 15.62 s/50k images, 2000 GFLOP/step, MFU 0.4" in (
         ours_r18
@@ -250,17 +268,19 @@ def test_real_path_with_fakes_records_rows_and_survives_failures(fakes, tmp_path
     results.write_text(results.read_text() + "\n## CPU\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     env = {**fakes["env"], "FAKE_FAIL": "ours_r50", "FAKE_SLOW_PRETRAIN": "1"}
     fakes["log"].unlink()
-    names = ("check_gpu", "check_jax", "check_torch", "ours_r18_cifar", "ours_r50", "pretrain")
+    names = ("check_gpu", "check_jax", "check_torch", "ours_r18_cifar", "ours_r50", "plan",
+             "pretrain")  # fmt: skip
     limits = [arg for name in names for arg in ("--limit", f"{name}=1")]
     second = suite(*common, "--parts", "throughput,pretrain", *limits,
                    "--log_dir", str(tmp_path / "logs2"), env=env, check=False)  # fmt: skip
     assert second.returncode == 1, second.stdout + second.stderr
     text = results.read_text()
     rows = section_rows(text)
-    assert len(rows) == 8 and text.endswith("## CPU\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
-    assert "| ok (" in rows[5] and "r18_cifar" in rows[5]
-    assert "| failed (exit 1) (" in rows[6] and "r50" in rows[6]
-    assert "| timeout after " in rows[7] and "probe top-1 (test) 81.25%" in rows[7]
+    assert len(rows) == 10 and text.endswith("## CPU\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert "| ok (" in rows[6] and "r18_cifar" in rows[6]
+    assert "| failed (exit 1) (" in rows[7] and "r50" in rows[7]
+    assert "| ok (" in rows[8] and "simclr_jax.plan" in rows[8]
+    assert "| timeout after " in rows[9] and "probe top-1 (test) 81.25%" in rows[9]
     summary = (tmp_path / "logs2" / "summary.txt").read_text()
     assert "ours_r50        failed (exit 1)" in summary
     assert "pretrain        timeout after" in summary and "plot            ok" in summary

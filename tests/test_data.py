@@ -278,7 +278,7 @@ def test_eval_batches_pad_and_mask_exactly():
 
 MULTI_DEVICE_SCRIPT = """
 import os
-os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from simclr_jax.data import augment, pipeline

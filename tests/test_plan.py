@@ -68,12 +68,20 @@ def test_a_small_pretraining_config_planned_for_v5e_has_every_key_and_fits(v5e_p
 
 
 def test_planning_for_a_tpu_leaves_no_tpu_pod_variables_behind(v5e_plan):
-    """libtpu starts with TPU_WORKER_HOSTNAMES set; left set, every process this one starts
-    would think it runs on a TPU pod and wait for a coordinator."""
-    from simclr_jax import distributed
-
-    assert "TPU_WORKER_HOSTNAMES" not in os.environ
-    assert not distributed.plan().joins
+    """libtpu starts with TPU_WORKER_HOSTNAMES set and sets TPU_WORKER_ID, CLOUD_TPU_TASK_ID and
+    more in the C environment; left there, every process this one starts would think it runs on
+    a TPU pod and wait for a coordinator. Checked in a child, after a multi-process topology."""
+    targets.devices(targets.parse("v5e:2x4"))
+    child = subprocess.run(
+        [sys.executable, "-c", "from simclr_jax import distributed; "
+         "import os; print(distributed.plan().how, sorted(k for k in os.environ if 'TPU_' in k))"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-2000:]
+    how, found = child.stdout.split(" ", 1)
+    assert how == "single", child.stdout
+    for name in ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID"):
+        assert name not in found, child.stdout
 
 
 def test_the_collectives_are_the_steps_own(v5e_plan):

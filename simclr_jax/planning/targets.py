@@ -182,16 +182,28 @@ def devices(target: Target) -> Sequence[Any]:
     return topology.devices
 
 
+# What libtpu reads at start-up, and what it sets in the process's C environment while it makes
+# compile-only devices (invisible to os.environ, inherited by every child process): left there,
+# they tell JAX, and simclr_jax.distributed, that a child runs on a TPU pod.
+_LIBTPU_ENVIRONMENT = (
+    "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID",
+    "CLOUD_TPU_ACCELERATOR_TYPE", "TPU_ACCELERATOR_TYPE", "TPU_PROCESS_ADDRESSES",
+    "TPU_SKIP_MDS_QUERY",
+)  # fmt: skip
+
+
 @contextlib.contextmanager
 def _environment(**variables: str) -> Iterator[None]:
-    """Set the variables that are unset, and take them away again afterwards."""
-    added = {name: value for name, value in variables.items() if name not in os.environ}
-    os.environ.update(added)
+    """Set the variables that are unset; afterwards take away every libtpu start-up variable
+    this process did not have before, from os.environ and from the C environment alike."""
+    had = {name for name in _LIBTPU_ENVIRONMENT if name in os.environ}
+    os.environ.update({name: value for name, value in variables.items() if name not in had})
     try:
         yield
     finally:
-        for name in added:
+        for name in set(_LIBTPU_ENVIRONMENT) - had:
             os.environ.pop(name, None)
+            os.unsetenv(name)  # also when only libtpu's setenv knew it
 
 
 def require_tpu_compiler() -> None:

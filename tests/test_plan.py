@@ -228,19 +228,33 @@ def test_fit_chunks_finds_the_fewest_chunks_that_fit(monkeypatch, curve):
         assert len(found["tried"]) <= 5, found["tried"]
 
 
-def test_a_batch_that_does_not_fit_in_one_pass_fits_in_chunks():
+def test_a_batch_that_does_not_fit_in_one_pass_fits_in_chunks(monkeypatch):
     """Real compiles for a v5e: with a memory budget between the one-pass step's and the
-    4-chunk step's, the search lands on a K at which XLA's own total fits."""
-    config = small_pretraining(256)
-    target, mesh = targets.parse("v5e:2x2"), None
+    4-chunk step's, the search lands on a K at which XLA's own total fits (each K compiled once:
+    the search reuses the two compiles that set the budget)."""
+    config, target = small_pretraining(128), targets.parse("v5e:2x2")
+    compiled = {}
+    make_plan = planner.make_plan
+
+    def once(config, target, **kwargs):
+        chunks = config.accumulation_chunks
+        if chunks not in compiled:
+            compiled[chunks] = make_plan(config, target, **kwargs)
+        plan = compiled[chunks]
+        capacity = kwargs.get("capacity_gib")
+        fits = capacity is None or plan["memory_bytes"]["total"] <= capacity * 2**30
+        return {**plan, "fits": fits}
+
+    monkeypatch.setattr(planner, "make_plan", once)
     one = planner.make_plan(config, target)
     four = planner.make_plan(planner._with_chunks(config, 4), target)
     assert four["memory_bytes"]["total"] < one["memory_bytes"]["total"]
     budget = (one["memory_bytes"]["total"] + four["memory_bytes"]["total"]) / 2 / 2**30
-    found = planner.fit_chunks(config, target, mesh=mesh, capacity_gib=budget)
+    found = planner.fit_chunks(config, target, capacity_gib=budget)
     assert found["chunks"] in (2, 4) and found["fits"]["fits"], found["tried"]
     assert not found["previous"]["fits"]
     assert found["fits"]["memory_bytes"]["total"] <= budget * 2**30
+    assert sorted(compiled) == sorted({1, 4, found["chunks"]})
 
 
 def test_targets_accept_topologies_accelerator_types_and_gpu_machines():

@@ -307,6 +307,7 @@ def run_plan(*args, env=None):
     [
         (["--target=v9:3x3"], "is not a target; use a TPU topology"),
         (["--target=v5e:2x2", "--config.batch_size=30"], "batch_size=30 does not divide over 4"),
+        (["--target=v5e:2x2", "--fit", "--fit_chunks"], "--fit and --fit_chunks search different"),
     ],
 )
 def test_mistakes_are_one_line_errors(args, message):
@@ -315,6 +316,20 @@ def test_mistakes_are_one_line_errors(args, message):
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+
+
+def test_the_command_searches_chunks_and_writes_what_it_tried(tmp_path):
+    """--fit_chunks through the command line, with a budget nothing fits: it says so in one
+    line, and the JSON records every K it compiled."""
+    out = tmp_path / "plan.json"
+    config = f"--config={pretrain_fashion_mnist.__file__}:tiny"
+    done = run_plan(config, "--target=v5e:2x2", "--host_rate=0", "--fit_chunks",
+                    "--config.batch_size=8", "--capacity_gib=0.001", f"--out={out}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Fit: no accumulation_chunks makes this batch fit" in done.stdout
+    found = json.loads(out.read_text())["fit_chunks"]
+    assert found["chunks"] == 0 and [k for k, fits in found["tried"]] == [1, 2]
+    assert not any(fits for _, fits in found["tried"])
 
 
 def test_missing_compilers_say_how_to_install_them(monkeypatch):

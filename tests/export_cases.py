@@ -20,6 +20,7 @@ import numpy as np
 from simclr_jax import convert
 from simclr_jax.configs import base as base_config
 from simclr_jax.data import fashion_mnist
+from simclr_jax.export import source as source_lib
 from simclr_jax.models import build_model, init_variables
 from simclr_jax.train import checkpoint, metrics
 
@@ -138,3 +139,16 @@ def real_images(image_size: int, channels: int, count: int = 4) -> np.ndarray:
     if image_size != x.shape[1]:
         x = jax.image.resize(x, (count, image_size, image_size, 1), "cubic")
     return np.asarray(jnp.clip(jnp.repeat(x, channels, axis=-1), 0.0, 1.0))
+
+
+TOLERANCE = 1e-4  # max |export - JAX| / max |JAX|; a correct export measures ~1e-6
+
+
+def assert_close(found, expected: np.ndarray, what: str, spread: float = 1e-2) -> None:
+    """An exported output (NumPy, or a torch tensor) equals the JAX one to TOLERANCE, and the
+    JAX output depends on the image (a network that ignores its input would hide errors)."""
+    found = found.detach().numpy() if hasattr(found, "detach") else found
+    assert found.shape == expected.shape, what
+    assert np.max(np.std(expected, axis=0)) > spread * np.max(np.abs(expected)), what
+    difference = source_lib.relative_difference(found, expected)
+    assert difference <= TOLERANCE, (what, difference)

@@ -20,7 +20,6 @@ from simclr_jax.data import fashion_mnist
 from simclr_jax.export import architecture, exporters, torch_state
 from simclr_jax.export import source as source_lib
 
-TOLERANCE = 1e-4  # max |export - JAX| / max |JAX|; a correct export measures ~1e-6
 ROOT = export_cases.FIXTURES.parents[2]
 
 needs_data = pytest.mark.skipif(
@@ -32,14 +31,6 @@ needs_data = pytest.mark.skipif(
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_workdirs")
     return functools.cache(lambda name: export_cases.write_workdir(root, name))
-
-
-def assert_close(found: np.ndarray, expected: np.ndarray, what: str, spread: float = 1e-2) -> None:
-    assert found.shape == expected.shape, what
-    # The output depends on the image (a network that ignores its input would hide errors).
-    assert np.max(np.std(expected, axis=0)) > spread * np.max(np.abs(expected)), what
-    difference = source_lib.relative_difference(found, expected)
-    assert difference <= TOLERANCE, (what, difference)
 
 
 @needs_data
@@ -55,11 +46,11 @@ def test_onnx_outputs_match_jax_on_random_and_real_images(name, workdir, tmp_pat
     for output in outputs:
         path = tmp_path / f"{output}.onnx"
         done = exporters.export_onnx(source, str(path), output, batch=None, verify=True)
-        assert done.files == [str(path)] and done.parity <= TOLERANCE
+        assert done.files == [str(path)] and done.parity <= export_cases.TOLERANCE
         run = exporters.run_onnx(str(path))
         for kind, images in batches.items():  # batch 3 and 5 through one graph
             expected = source.reference(images, [output])[output]
-            assert_close(run(images), expected, f"{name} {output} {kind}")
+            export_cases.assert_close(run(images), expected, f"{name} {output} {kind}")
 
 
 def test_onnx_graph_states_its_input_and_preprocessing(workdir, tmp_path):
@@ -104,7 +95,7 @@ def test_a_wrong_max_pool_padding_fails_the_parity_check(workdir, tmp_path, monk
     images = source_lib.test_images(source, count=3, seed=1)
     expected = source.reference(images, ["features"])["features"]
     wrong = exporters.run_onnx(str(tmp_path / "wrong.onnx"))(images)
-    assert source_lib.relative_difference(wrong, expected) > 100 * TOLERANCE
+    assert source_lib.relative_difference(wrong, expected) > 100 * export_cases.TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +117,9 @@ def test_official_r50_sk1_exports_with_the_official_outputs(official_sk1, tmp_pa
         exporters.export_onnx(source, str(path), output, batch=None, verify=True)
         run = exporters.run_onnx(str(path))
         # The generator's two noise images differ by ~0.4% of the scale at the features.
-        assert_close(run(images), official[output], f"{output} vs TF1", spread=1e-3)
+        export_cases.assert_close(run(images), official[output], f"{output} vs TF1", spread=1e-3)
         expected = source.reference(real, [output])[output]
-        assert_close(run(real), expected, f"{output} vs JAX, real images")
+        export_cases.assert_close(run(real), expected, f"{output} vs JAX, real images")
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,6 @@ except ImportError:
     torchvision = None
 from simclr_jax.export import torch_model  # noqa: E402  (imports torch)
 
-TOLERANCE = 1e-4
 needs_data = pytest.mark.skipif(
     not fashion_mnist.available(), reason="needs the Fashion-MNIST files (dataset-fashion-mnist)"
 )
@@ -44,15 +43,6 @@ def nchw(images: np.ndarray):
     return torch.tensor(images).permute(0, 3, 1, 2)
 
 
-def assert_close(found, expected: np.ndarray, what: str, spread: float = 1e-2) -> None:
-    found = found.detach().numpy() if hasattr(found, "detach") else found
-    assert found.shape == expected.shape, what
-    # The output depends on the image (a network that ignores its input would hide errors).
-    assert np.max(np.std(expected, axis=0)) > spread * np.max(np.abs(expected)), what
-    difference = source_lib.relative_difference(found, expected)
-    assert difference <= TOLERANCE, (what, difference)
-
-
 @needs_data
 @pytest.mark.parametrize("name", export_cases.TINY)
 def test_torch_outputs_match_jax_on_random_and_real_images(name, workdir, tmp_path):
@@ -60,7 +50,7 @@ def test_torch_outputs_match_jax_on_random_and_real_images(name, workdir, tmp_pa
     _, size, channels = export_cases.CASES[name]
     path = tmp_path / f"{name}.safetensors"
     done = exporters.export_torch(source, str(path), "projection", verify=True)
-    assert done.parity <= TOLERANCE
+    assert done.parity <= export_cases.TOLERANCE
     net = torch_model.load(str(path))
     assert not net.training and net.output == "projection"
     names = ["features", "head_1", "projection", "logits"]
@@ -72,7 +62,7 @@ def test_torch_outputs_match_jax_on_random_and_real_images(name, workdir, tmp_pa
             found = net.outputs(nchw(images), names)
         expected = source.reference(images, names)
         for output in names:
-            assert_close(found[output], expected[output], f"{name} {output} {kind}")
+            export_cases.assert_close(found[output], expected[output], f"{name} {output} {kind}")
 
 
 def test_the_state_dict_is_torch_layout_and_trains_like_the_run(workdir, tmp_path):
@@ -139,8 +129,10 @@ def test_official_r50_sk1_in_torch_gives_the_official_outputs(official, tmp_path
         found = net.outputs(nchw(images), list(reference))
         found_real = net.outputs(nchw(real), list(reference))
     for output in reference:
-        assert_close(found[output], reference[output], f"{output} vs TF1", spread=1e-3)
-        assert_close(found_real[output], expected[output], f"{output} vs JAX, real images")
+        export_cases.assert_close(found[output], reference[output], f"{output} vs TF1", spread=1e-3)
+        export_cases.assert_close(
+            found_real[output], expected[output], f"{output} vs JAX, real images"
+        )
 
 
 def torchvision_model(path, depth: int, classes: int, *, tf_pool: bool):
@@ -164,7 +156,7 @@ def test_torchvision_resnet50_takes_a_plain_run_and_its_probe(workdir, tmp_path)
     source = source_lib.read_source(str(workdir("r50_1x")))
     path = tmp_path / "tv.safetensors"
     done = exporters.export_torchvision(source, str(path), verify=True)
-    assert done.output == "logits" and done.parity <= TOLERANCE
+    assert done.output == "logits" and done.parity <= export_cases.TOLERANCE
     assert "resnet50(num_classes=10).load_state_dict" in done.note
     for size, same_without_swap in ((64, False), (66, True)):
         images = export_cases.real_images(size, 3, count=3)
@@ -172,9 +164,12 @@ def test_torchvision_resnet50_takes_a_plain_run_and_its_probe(workdir, tmp_path)
         with torch.no_grad():
             swapped = torchvision_model(path, 50, 10, tf_pool=True)(nchw(images))
             plain = torchvision_model(path, 50, 10, tf_pool=False)(nchw(images)).numpy()
-        assert_close(swapped, expected, f"torchvision + SamePadMaxPool2d at {size} px")
+        export_cases.assert_close(swapped, expected, f"torchvision + SamePadMaxPool2d at {size} px")
         plain_difference = source_lib.relative_difference(plain, expected)
-        assert (plain_difference <= TOLERANCE) == same_without_swap, (size, plain_difference)
+        assert (plain_difference <= export_cases.TOLERANCE) == same_without_swap, (
+            size,
+            plain_difference,
+        )
 
 
 @needs_data
@@ -185,4 +180,6 @@ def test_torchvision_takes_the_official_r50_1x_sk0(official, tmp_path):
     images, reference = export_cases.official_reference("r50_1x_sk0")
     model = torchvision_model(path, 50, 1000, tf_pool=True)
     with torch.no_grad():
-        assert_close(model(nchw(images)), reference["logits"], "logits vs TF1", spread=1e-3)
+        export_cases.assert_close(
+            model(nchw(images)), reference["logits"], "logits vs TF1", spread=1e-3
+        )

@@ -33,7 +33,7 @@ Arguments (simclr_jax.configs.arguments), default recipe=linear_eval,fraction=1.
                       on the backbone output (ft_proj_selector=0) and started at the logistic
                       regression of those features (init_classifier_by_linear_fit; RESULTS.md,
                       "LP-FT", compares it with fine-tuning from head layer 1).
-  size=tiny           a few steps of a base-width-4 ResNet-18 for the tests (no TensorBoard).
+  size=tiny           a few steps of the tiny pretraining's convnet, for the tests (no TensorBoard).
 Presets: linear_eval (the default), 1pct, 10pct (semi at 0.01 / 0.1), supervised_1pct,
 supervised_10pct, supervised (all labels), demo_linear_eval, demo_1pct, demo_supervised_1pct,
 tiny (semi at 0.01), tiny_linear_eval (fraction 0.02), tiny_supervised; each is the key=value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from absl import logging
 from devices import xla_flags
 
+from simclr_jax.train import checkpoint
 from simclr_jax.train.checkpoint import (
     CheckpointManager,
     CheckpointMismatchError,
@@ -202,8 +204,9 @@ def test_restore_onto_a_replicated_mesh_target(tmp_path):
 # ------------------------------------------------------------------ corrupt checkpoints (issue 15)
 
 
-def largest_file(directory):
-    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+def largest_file(directory, name_filter=lambda path: True):
+    found = [p for p in directory.rglob("*") if p.is_file() and name_filter(p)]
+    return max(found, key=lambda p: p.stat().st_size)
 
 
 def corrupt_silently(step_dir, target, seed: int = 0) -> None:
@@ -311,3 +314,18 @@ def test_leftover_temporary_folders_are_removed(tmp_path):
         assert ckpt.save(2, make_state(seed=2), force=True)  # orbax finishes its cleanup first
         ckpt.wait()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_the_cause_of_a_read_error_is_its_innermost_shown_one(tmp_path):
+    """A truncated JSON file (orbax's _METADATA): json raises its error `from None` over a
+    StopIteration whose text is a bare number; the cause said is the JSON error, path shortened."""
+    try:
+        json.loads('{"step": ')
+    except json.JSONDecodeError as error:
+        decode_error = error
+    try:
+        raise OSError(f"reading {tmp_path}/4/state/_METADATA failed") from decode_error
+    except OSError as error:
+        outer = error
+    assert checkpoint._cause(outer, tmp_path) == "Expecting value: line 1 column 10 (char 9)"
+    assert checkpoint._cause(OSError(f"no {tmp_path}/4/state/d/x"), tmp_path) == "no 4/state/d/x"

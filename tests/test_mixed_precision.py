@@ -41,6 +41,9 @@ SEEDS = range(FIRST_SEED, FIRST_SEED + 4)
 
 def tiny_config(dtype: str, seed: int = 0):
     config = pretrain_fashion_mnist.get_config("tiny")
+    # The tiny preset's step mechanics on a ResNet-18 (base width 4): the network whose
+    # residual blocks and 20 convolutions the bf16 policy must cover.
+    config.model.update(backbone="resnet", depth=18, base_width=4)
     config.dataset.train_split = "train[:256]"
     config.dtype = dtype
     config.seed = seed

@@ -137,7 +137,8 @@ BAD_VALUES = [
     ("optim.name", "sgdd", "optim.name must be one of"),
     ("optim.lr_scaling", "cubic", "optim.lr_scaling must be one of"),
     ("loss.temperature", 0.0, "loss.temperature must be positive"),
-    ("model.depth", 19, "model.depth must be one of"),
+    ("model.depth", 3, "model.depth must be the number of 3x3 convs of the convnet"),
+    ("model.backbone", "vgg", "model.backbone must be one of"),
     ("model.sk_ratio", -0.5, "model.sk_ratio must be"),
     ("model.ft_proj_selector", 5, "model.ft_proj_selector must be an integer in -1..2"),
     ("model.proj_head_mode", "deep", "model.proj_head_mode must be one of"),
@@ -161,9 +162,19 @@ def set_field(config, dotted, value):
         node[leaf] = value
 
 
-@pytest.mark.parametrize("field,value,message", BAD_VALUES)
-def test_bad_values_fail_before_anything_is_loaded(tmp_path, field, value, message):
+RESNET_BAD_VALUES = [  # on the tiny config with a ResNet backbone instead of its convnet
+    ("model.depth", 19, "model.depth must be one of"),
+    ("model.depth", 4, "model.depth must be one of"),
+]
+
+
+@pytest.mark.parametrize(
+    "backbone,field,value,message",
+    [("convnet", *case) for case in BAD_VALUES] + [("resnet", *case) for case in RESNET_BAD_VALUES],
+)
+def test_bad_values_fail_before_anything_is_loaded(tmp_path, backbone, field, value, message):
     config = tiny_config()
+    set_field(config, "model.backbone", backbone)
     set_field(config, field, value)
     start = time.time()
     with pytest.raises(ValueError) as error:
@@ -226,8 +237,8 @@ def test_checkpoint_of_another_architecture_names_the_paths(tmp_path):
     with pytest.raises(
         checkpoint.CheckpointMismatchError,
         match=re.escape(
-            "params/backbone/block_group1/block1/conv1/kernel "
-            "(checkpoint (3, 3, 4, 4), model (3, 3, 8, 8))"
+            "params/backbone/block_group1/conv1/kernel "
+            "(checkpoint (3, 3, 2, 4), model (3, 3, 8, 16))"
         ),
     ):  # (accepted: without the flag the config check refuses first, naming model.base_width)
         pretrain.train_and_evaluate(wider, str(tmp_path), accept_config_changes=True)
@@ -270,7 +281,7 @@ INVALID = {
         lambda s: s not in validation.optim.OPTIMIZERS
     ),
     "loss.temperature": st.floats(max_value=0.0, allow_nan=False),
-    "model.depth": st.integers().filter(lambda d: d not in (18, 34, 50, 101, 152, 200)),
+    "model.depth": st.integers(max_value=3),  # the tiny config's convnet (ResNet depths: above)
     "model.width_multiplier": st.integers(max_value=0),
     "model.sk_ratio": st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False),
     "model.num_proj_layers": st.integers(max_value=0),

@@ -150,10 +150,10 @@ def test_architecture_and_weights_come_from_the_checkpoint(transferred):
     assert load_config("transfer_digits.py", "tiny").model.base_width is None  # not in the preset
     saved = json.loads((root / "digits" / "config.json").read_text())
     assert saved["dataset"]["name"] == "sklearn_digits"
-    architecture = {k: saved["model"][k] for k in ("depth", "base_width", "proj_out_dim")}
-    assert architecture == {"depth": 18, "base_width": 4, "proj_out_dim": 16}  # the tiny preset's
+    architecture = {k: saved["model"][k] for k in ("backbone", "base_width", "proj_out_dim")}
+    assert architecture == {"backbone": "convnet", "base_width": 2, "proj_out_dim": 16}  # tiny's
     pretrained, tuned = (saved_run.read_run(str(root / name)) for name in ("pretrain", "digits"))
-    # A new classifier on head layer 1 (width 32 = base width 4 x 8), one output per digit.
+    # A new classifier on head layer 1 (width 32 = base width 2 x 16), one output per digit.
     assert tuned.shapes["params/classifier/kernel"] == (32, 10) and tuned.num_classes == 10
     # Head layer 2 feeds nothing when ft_proj_selector=1: frozen, so bit-identical to the
     # pretrained one (a random initialisation could not be).

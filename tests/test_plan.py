@@ -2,6 +2,7 @@
 compile-only devices) and, where the CUDA plugin is installed, GPU machines; the facts it reads
 off the program against independent counts; the bounds' arithmetic; the one-line errors."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -64,6 +65,10 @@ def test_a_small_pretraining_config_planned_for_v5e_has_every_key_and_fits(v5e_p
     )
     assert memory["aliases"] > 0  # the donated state's buffers are reused
     assert memory["capacity"] == targets.TPU_CHIPS["v5e"].hbm_bytes and plan["fits"]
+    # The compiler that made it, so a table can say which libtpu gave (or refused) a cell.
+    assert plan["compiler"] == {
+        name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "libtpu")
+    }
     json.dumps(plan)  # what --out writes
 
 

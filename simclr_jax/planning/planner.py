@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
 import re
 import time
 from typing import Any
@@ -128,8 +129,28 @@ def _program_facts(
         "cost_source": cost["source"],
         "collectives": {kind: c.as_dict() for kind, c in found.items()},
         "compile_s": compile_s,
+        "compiler": compiler_versions(target.kind),
         "notes": list(planned.notes) + _notes(target, oom) + _chunk_notes(planned.config),
     }
+
+
+# The packages whose versions decide what a target's compile gives (one libtpu segfaults where a
+# newer one compiles: benchmarks/RESULTS.md, "Planning").
+COMPILER_PACKAGES = {
+    "tpu": ("jax", "jaxlib", "libtpu"),
+    "gpu": ("jax", "jaxlib", "jax-cuda12-plugin"),
+}
+
+
+def compiler_versions(kind: str) -> dict[str, str | None]:
+    """The installed versions of the packages that compiled a plan for a `kind` target."""
+    found = {}
+    for name in COMPILER_PACKAGES.get(kind, ("jax", "jaxlib")):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _bounds(

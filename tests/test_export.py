@@ -1,5 +1,5 @@
-"""simclr_jax.export to ONNX, run by onnxruntime, against the JAX model: every output of R18,
-R50, R50-SK, a CIFAR-stem R18 with squeeze-excitation and the convnet, on random and real
+"""simclr_jax.export to ONNX, run by onnxruntime, against the JAX model: every output of R50,
+R50-SK, a CIFAR-stem R18 with squeeze-excitation and the convnet, on random and real
 (Fashion-MNIST) images and at two batch sizes through one graph; an official SimCLRv2 R50-SK1
 (real width) imported with simclr_jax.convert, against JAX and against the official TF1 outputs;
 a wrong max-pool padding is caught; the command's one-line errors."""

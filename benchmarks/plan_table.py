@@ -93,7 +93,7 @@ def table(out: Path) -> str:
             f"{memory['capacity'] / 2**30:.1f} | {plan['flops_per_step_per_device'] / 1e12:.2f} | "
             f"{plan['flops_per_image'] / plan['analytic_flops_per_image']:.3f} | "
             f"{plan['epoch_time_bound_s']:.0f} s | {hours[100]:,.0f} | {hours[800]:,.0f} | "
-            f"{plan['limited_by']} | {plan['compile_s']:.0f} |"
+            f"{plan['limited_by']} | {plan['compile_s']:.0f}{_libtpu(plan)} |"
         )
     return "\n".join(rows)
 
@@ -130,6 +130,13 @@ def chunk_table(out: Path) -> str:
             f"{plan['step_time_terms_s']['compute']:.4f} | {plan['compile_s']:.0f} |"
         )
     return "\n".join(rows)
+
+
+def _libtpu(plan: dict) -> str:
+    """The libtpu that compiled a TPU cell, where its JSON records one (plans made before the
+    planner recorded its compiler used the [tpu] extra's libtpu)."""
+    version = plan.get("compiler", {}).get("libtpu")
+    return f" (libtpu {version})" if version else ""
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ CACHE_DIR = ROOT / ".jax_cache"
 # Set before jax is imported anywhere in the test process (and inherited by subprocesses).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Small programs too (the tiny models' inits and predicts take 0.1-0.5 s): test processes share them.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # The files whose tests take longest on a 2-core machine (a cold `make test`), longest first.

@@ -50,15 +50,12 @@ TINY = ("r50", "r50_sk", "r18_cifar_se", "convnet")
 def perturbed(model, variables, images: np.ndarray, seed: int):
     """Every parameter moved by N(0, 0.2), then the BatchNorm statistics measured on `images`
     (as training leaves them, so activations neither die nor explode) and moved by a few percent
-    (so they are not exactly the batch's)."""
-    leaves, tree = jax.tree.flatten(variables["params"])
-    keys = jax.random.split(jax.random.key(seed), len(leaves) + 1)
-    params = jax.tree.unflatten(
-        tree,
-        [
-            leaf + 0.2 * jax.random.normal(k, leaf.shape)
-            for leaf, k in zip(leaves, keys[:-1], strict=True)
-        ],
+    (so they are not exactly the batch's). The noise is NumPy's: jax.random would compile one
+    program per parameter shape."""
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+        lambda leaf: np.asarray(leaf) + rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype),
+        variables["params"],
     )
     measure = model.clone(bn_momentum=0.0)  # running statistics := this batch's
     _, updated = jax.jit(
@@ -66,13 +63,11 @@ def perturbed(model, variables, images: np.ndarray, seed: int):
             {"params": p, "batch_stats": b}, x, train=True, mutable=["batch_stats"]
         )
     )(params, variables["batch_stats"], images)
-    stats, stats_tree = jax.tree.flatten(updated["batch_stats"])
-    noise = jax.random.split(keys[-1], len(stats))
-    stats = [
-        s * jax.random.uniform(k, s.shape, minval=0.9, maxval=1.1)
-        for s, k in zip(stats, noise, strict=True)
-    ]
-    return jax.device_get({"params": params, "batch_stats": jax.tree.unflatten(stats_tree, stats)})
+    stats = jax.tree.map(
+        lambda s: np.asarray(s) * rng.uniform(0.9, 1.1, s.shape).astype(s.dtype),
+        updated["batch_stats"],
+    )
+    return jax.device_get({"params": params, "batch_stats": stats})
 
 
 def write_workdir(root: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:

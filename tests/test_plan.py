@@ -300,10 +300,10 @@ backend_config={"known_trip_count":{"n":"5"}}
     assert found["all-gather"].count == 1 and found["all-gather"].bytes == 64 * 4
 
 
-def run_plan(*args, env=None):
+def run_plan(*args, env=None, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "simclr_jax.plan", *args],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
 
 
@@ -397,6 +397,31 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     assert done.returncode == 0, done.stderr[-2000:]
     peak = int(done.stdout.split()[-1])
     assert peak < 2.0 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB"
+
+
+@pytest.mark.slow
+def test_r152_3x_sk1_at_4096_on_v5e_2x2_does_not_fit_and_fit_finds_a_batch(tmp_path):
+    """The largest model at the paper's batch on 4 v5e chips: DOES NOT FIT, with the numbers;
+    --fit finds a per-device batch that fits while its double does not (real compiles: each
+    minutes here, so make test-slow only)."""
+    config = f"--config={pretrain_imagenet.__file__}:r152_3x_sk1"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    whole, found = tmp_path / "4096.json", tmp_path / "fit.json"
+    done = run_plan(config, "--target=v5e:2x2", "--host_rate=0", f"--out={whole}", env=env,
+                    timeout=3600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = json.loads(whole.read_text())
+    assert plan["global_batch"] == 4096 and plan["per_device_batch"] == 1024
+    assert not plan["fits"] and "DOES NOT FIT" in done.stdout
+    assert plan["memory_bytes"]["total"] > plan["memory_bytes"]["capacity"]
+    done = run_plan(config, "--target=v5e:2x2", "--host_rate=0", "--fit", f"--out={found}",
+                    env=env, timeout=3600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    fitted = json.loads(found.read_text())
+    best, tried = fitted["fit"]["per_device_batch"], dict(fitted["fit"]["tried"])
+    assert best >= 1 and tried[best] and not tried[2 * best], tried
+    assert fitted["fits"] and fitted["per_device_batch"] == best
+    assert fitted["memory_bytes"]["total"] <= fitted["memory_bytes"]["capacity"]
 
 
 @pytest.mark.parametrize(

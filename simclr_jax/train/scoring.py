@@ -24,10 +24,8 @@ def _add_masked_counts(
     """`totals` plus the correct top-1/top-5 predictions, summed loss and example count over
     the unmasked rows.
 
-    Taking the running totals as an input chains the batches' programs: with the batch sharded
-    over several CPU devices each program holds a collective, and two of them in flight at once
-    can occupy every thread of a 2-core machine while the other device's part waits for one
-    (XLA:CPU's rendezvous then aborts the process after 40 s).
+    Taking the running totals as an input chains the batches' programs; on several CPU devices
+    `exact_evaluate` also waits for each batch (`_one_batch_at_a_time`).
     """
     logits = logits.astype(jnp.float32)
     labels = labels.astype(jnp.int32)
@@ -41,6 +39,16 @@ def _add_masked_counts(
         "loss": totals["loss"] + jnp.sum(loss * weight),
         "count": totals["count"] + jnp.sum(counted),
     }
+
+
+def _one_batch_at_a_time() -> bool:
+    """True on several CPU devices: there each batch's programs finish before the next batch's
+    start. The batch is sharded, so each counting program holds a collective, and XLA:CPU's
+    devices share one thread pool: a program queued behind another can hold the thread that the
+    other's collective waits for, and the rendezvous aborts the process after 40 s. Chaining the
+    programs through the totals made it rare, not impossible (a 2-core machine under load hit it
+    in tests/test_scoring.py). Accelerators keep their queue full."""
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
 _ZERO_COUNTS = {
@@ -59,16 +67,20 @@ def exact_evaluate(
     may be global arrays sharded over a mesh. top1/top5 are fractions, loss the mean
     cross-entropy, count the number of examples evaluated.
     """
-    totals = None
+    totals, in_order = None, _one_batch_at_a_time()
     for batch in batches:
         labels = batch["label"]
         mask = batch.get("mask")
         if mask is None:
             mask = jnp.ones(np.shape(labels), jnp.int32)
         logits = predict_fn(batch["image"])
+        if in_order:
+            jax.block_until_ready(logits)
         totals = _add_masked_counts(
             _ZERO_COUNTS if totals is None else totals, logits, labels, mask
         )
+        if in_order:
+            jax.block_until_ready(totals)
     if totals is None:
         raise ValueError("batches is empty: nothing to evaluate")
     totals = jax.device_get(totals)

@@ -1,7 +1,8 @@
 """Run on 8 forced CPU devices: every stage's train step on 1 device vs 8 (shard_map and pmap).
 
 The steps are the trainers' own (pretrain.make_view_gradient_fn and the views; finetune's and
-distill's make_train_step mapped by runner.map_step, as the runner maps them), on tiny ResNet-18s.
+distill's make_train_step mapped by runner.map_step, as the runner maps them), on the tiny presets'
+convnet.
 Prints one JSON line: {kind: {backend: {quantity: largest absolute difference from the
 single-device step}}, 'scale': {kind: {quantity: largest magnitude on one device}}} for the kinds
 'pretrain', 'finetune' and 'distill' and the quantities 'metrics', 'batch_stats', 'params' (after
@@ -56,7 +57,7 @@ def images(rng, n: int) -> np.ndarray:
 
 
 def tiny_architecture(model_config) -> None:
-    """The pretraining 'tiny' network (ResNet-18, base width 4, 2 head layers to 16)."""
+    """The pretraining 'tiny' network (the convnet at base width 2, 2 head layers to 16)."""
     tiny = pretrain_fashion_mnist.get_config("tiny").model
     for name in ARCHITECTURE_FIELDS:
         model_config[name] = tiny[name]

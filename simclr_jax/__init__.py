@@ -17,8 +17,9 @@ simclr_jax.configs):
     planning/    compile-only plans for TPU slices and GPU machines (python -m simclr_jax.plan)
     official/    reading the released TF checkpoints (python -m simclr_jax.convert)
     commands     evaluate, embed, plan, convert, plot: thin modules over the above
-    cli.py validation.py checks.py saved_run.py
-                 the shared command line, config checks, reading a workdir back into a model
+    cli.py validation.py checks.py saved_run.py exception_chain.py
+                 the shared command line, config checks, reading a workdir back into a model,
+                 an error's causes as a traceback shows them (for one-line messages)
 
 Studies and demos stand apart from the library (they use it, it never imports them): demo.py
 (`make demo`), transfer_demo.py, and theory/ (the two-layer-CNN label-complexity study).

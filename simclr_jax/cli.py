@@ -53,7 +53,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from simclr_jax import configs, distributed
+from simclr_jax import configs, distributed, exception_chain
 from simclr_jax.configs import base as config_base
 from simclr_jax.train import disk_space, workdir_lock
 
@@ -215,7 +215,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
             raise SystemExit(0) from None
         raise
     except (flags.Error, KeyError, AttributeError, ValueError) as error:
-        root = _root_cause(error)
+        root = exception_chain.root_cause(error)
         if _verbose() or not isinstance(root, ValueError | KeyError | OSError | flags.Error):
             raise  # a config file's own bug (a TypeError, a NameError, ...) keeps its traceback
         _fail(f"{_flag_message(error, root)} (see --help)")
@@ -275,23 +275,11 @@ def one_line(error: BaseException) -> str:
 
 def _flag_message(error: BaseException, root: BaseException) -> str:
     """absl's one-line message, or, when it carries a config file's traceback, the root cause's."""
-    unknown = next((e for e in _chain(error) if isinstance(e, KeyError)), None)
+    unknown = next((e for e in exception_chain.chain(error) if isinstance(e, KeyError)), None)
     if unknown is not None:  # ml_collections: an override of a field that does not exist
         name, *suggestion = str(unknown.args[0] if unknown.args else unknown).splitlines()
         return f"no such config field {name}" + "".join(f"; {line}" for line in suggestion)
     return one_line(root if "\n" in str(error) and root is not error else error)
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    """The error and the ones it was raised from or while handling, outermost first."""
-    chain = [error]
-    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
-        chain.append(inner)
-    return chain
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    return _chain(error)[-1]
 
 
 # Orbax warnings that only describe what was asked for (reading a workdir read-only).

@@ -16,6 +16,7 @@ import pytest
 from absl import logging
 from devices import xla_flags
 
+from simclr_jax import exception_chain
 from simclr_jax.train import checkpoint
 from simclr_jax.train.checkpoint import (
     CheckpointManager,
@@ -328,4 +329,8 @@ def test_the_cause_of_a_read_error_is_its_innermost_shown_one(tmp_path):
     except OSError as error:
         outer = error
     assert checkpoint._cause(outer, tmp_path) == "Expecting value: line 1 column 10 (char 9)"
+    assert exception_chain.chain(outer) == [outer, decode_error]  # the StopIteration hidden
+    first, second = ValueError("a"), ValueError("b")
+    first.__context__, second.__context__ = second, first  # a cycle ends the chain
+    assert exception_chain.chain(first) == [first, second]
     assert checkpoint._cause(OSError(f"no {tmp_path}/4/state/d/x"), tmp_path) == "no 4/state/d/x"

@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from simclr_jax import exception_chain
 from simclr_jax.train import verify
 
 STATE = "state"
@@ -354,19 +355,10 @@ def _cause(error: BaseException | None, directory: epath.Path, limit: int = 300)
     if isinstance(error, CorruptCheckpointError):
         text = error.problem
     else:
-        while (inner := _inner(error)) is not None:
-            error = inner
+        error = exception_chain.root_cause(error)
         text = str(error) or type(error).__name__
     text = " ".join(text.replace(f"{directory}/", "").split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _inner(error: BaseException) -> BaseException | None:
-    """The error this one was raised from or while handling, as a traceback shows it (a
-    `raise ... from None`, as json's decoder does over its StopIteration, hides the latter)."""
-    if error.__cause__ is not None or error.__suppress_context__:
-        return error.__cause__
-    return error.__context__
 
 
 def _restore_with_fallback(

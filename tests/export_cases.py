@@ -67,7 +67,7 @@ def perturbed(model, variables, images: np.ndarray, seed: int):
         lambda s: np.asarray(s) * rng.uniform(0.9, 1.1, s.shape).astype(s.dtype),
         updated["batch_stats"],
     )
-    return jax.device_get({"params": params, "batch_stats": stats})
+    return {"params": params, "batch_stats": stats}
 
 
 def write_workdir(root: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:

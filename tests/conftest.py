@@ -3,6 +3,8 @@
 import os
 import pathlib
 
+from devices import use_cheap_compiles
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE_DIR = ROOT / ".jax_cache"
 
@@ -12,6 +14,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 # Small programs too (the tiny models' inits and predicts take 0.1-0.5 s): test processes share them.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# The cheap XLA:CPU compile pipeline for every test process and subprocess (tests/devices.py).
+use_cheap_compiles()
 
 # The files whose tests take longest on a 2-core machine (a cold `make test`), longest first.
 SLOW_FIRST = (

@@ -9,6 +9,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import default_pipeline_env
 
 from simclr_jax import pretrain
 from simclr_jax.configs import pretrain_fashion_mnist
@@ -34,6 +35,7 @@ def read_losses(workdir: pathlib.Path) -> dict[int, float]:
 
 
 def test_cli_runs_and_leaves_a_complete_workdir(tmp_path):
+    """With XLA's default compile pipeline, as users run it (the other tests compile cheaply)."""
     result = subprocess.run(
         [
             sys.executable, "-m", "simclr_jax.pretrain", f"--config={TINY}",
@@ -41,7 +43,7 @@ def test_cli_runs_and_leaves_a_complete_workdir(tmp_path):
             "--config.dataset.train_split=train[:1024]", "--config.dataset.eval_split=test[:300]",
             "--config.tensorboard=True",
         ],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=default_pipeline_env(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

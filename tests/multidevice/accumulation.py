@@ -27,9 +27,9 @@ import json
 import os
 import sys
 
-# LLVM optimisation off: each tiny program compiles several times faster, on both sides alike.
+# The test process's XLA flags (tests/devices.py: the cheap compile pipeline) + 4 devices.
 os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

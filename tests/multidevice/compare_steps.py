@@ -14,9 +14,9 @@ replaced by the identity: the comparison must catch it.
 import json
 import os
 
-# LLVM optimisation off: each tiny program compiles several times faster, on both sides alike.
+# The test process's XLA flags (tests/devices.py: the cheap compile pipeline) + 8 devices.
 os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -68,10 +68,9 @@ def batch_shards(config, steps: int) -> dict[str, list]:
 
 def main():
     args = parse_args()
-    # LLVM optimisation off: XLA:CPU compiles the step several times faster, and 4 tiny steps
-    # do not need fast code.
+    # The test's XLA flags (tests/devices.py: a cheap compile pipeline) + this process's devices.
     os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={args.devices} --xla_backend_optimization_level=0"
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
     )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     # The clu writer would import TensorFlow (seconds per process); the JSONL writer is enough here.

@@ -103,7 +103,9 @@ def stage(num_steps: int, mesh, hold_in: pathlib.Path | None = None):
 
 def main():
     args = parse_args()
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+    )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.modules["tensorflow"] = None  # the JSONL writer is enough; TF would take seconds
 

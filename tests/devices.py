@@ -6,10 +6,10 @@ import sys
 
 # XLA:CPU's cheap compile pipeline: LLVM at -O0 and the classic loop emitters instead of the MLIR
 # fusion emitters. Compiling is most of the suite's CPU time; these flags roughly halve a tiny
-# run's process, and its steps run ~10% slower. The math is the same (the last bits can differ:
-# another instruction order), and every test process and subprocess gets them, so comparisons
-# between processes see one compiler. One end-to-end test runs the default pipeline
-# (`default_pipeline_env`), the one users get.
+# training process, whose steps then run ~10% slower (long elementwise loops, as L-BFGS fits, up to
+# 2x). The math is the same (the last bits can differ: another instruction order), and every test
+# process and subprocess gets them, so comparisons between processes see one compiler.
+# test_pretrain's CLI test runs the default pipeline, the one users get (`default_pipeline_env`).
 CHEAP_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 

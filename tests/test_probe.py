@@ -67,7 +67,8 @@ def test_clean_probe_trains_on_inference_mode_features_and_leaves_the_encoder_al
     with_clean, aux, _ = gradients(config, model, state, batch, True)
     with_views, _, _ = gradients(config, model, state, batch, False)
     # The encoder and head learn only from NT-Xent: the same with either probe input, up to the
-    # float32 rounding of two different programs (a probe gradient leaking in differs by ~2e-2).
+    # float32 rounding of two different programs (<= 4e-6 of a leaf's largest value; a probe
+    # gradient leaking in differs by ~8e-3).
     assert set(with_clean) == {"backbone", "head", "classifier"}
     for name in ("backbone", "head"):
         clean_leaves, view_leaves = (
@@ -75,7 +76,7 @@ def test_clean_probe_trains_on_inference_mode_features_and_leaves_the_encoder_al
             jax.tree.leaves(with_views[name]),
         )
         for a, b in zip(clean_leaves, view_leaves, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(a, b, atol=1e-4 * np.max(np.abs(b)))
     # The probe's gradient: softmax cross-entropy of a linear map of the inference-mode features
     # of the clean rows, computed here independently of the step.
     images = augment.eval_preprocess(batch["image"][::2], out_size=28)

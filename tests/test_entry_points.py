@@ -4,6 +4,7 @@ line `<command>: error: ...`: absl flags through simclr_jax.cli.run)."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import subprocess
@@ -29,23 +30,23 @@ def modules_with_a_main() -> set[str]:
     return found - {""}  # simclr_jax/__main__.py: the listing itself
 
 
-def run_all(argument: str, modules) -> dict[str, subprocess.CompletedProcess]:
-    """`python -m <module> <argument>` for every module, side by side."""
-    running = {
-        module: subprocess.Popen(
-            [sys.executable, "-m", module, argument],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for module in modules
-    }
-    done = {}
-    for module, process in running.items():
-        stdout, stderr = process.communicate(timeout=600)
-        done[module] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return done
+def run_all(*arguments: str, modules) -> list[dict[str, subprocess.CompletedProcess]]:
+    """`python -m <module> <argument>` for every module and argument, side by side: run as
+    `python -m` runs them, in children forked from one interpreter (tests/forked_commands.py)."""
+    runs = [[module, argument] for argument in arguments for module in modules]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "forked_commands.py"), json.dumps(runs)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = iter(json.loads(done.stdout.splitlines()[-1]))
+    return [
+        {
+            module: subprocess.CompletedProcess([module, argument], *next(results))
+            for module in modules
+        }
+        for argument in arguments
+    ]
 
 
 def test_the_listing_names_every_command():
@@ -60,7 +61,7 @@ def test_the_listing_names_every_command():
 
 def test_every_command_helps_and_refuses_an_unknown_flag_alike():
     modules = ["simclr_jax"] + [f"simclr_jax.{name}" for name in COMMANDS]
-    helped = run_all("--help", modules)
+    helped, refused = run_all("--help", "--no_such_flag=1", modules=modules)
     for module, result in helped.items():
         assert result.returncode == 0, (module, result.stderr[-2000:])
         assert "--help" in result.stdout or "usage" in result.stdout.lower(), module
@@ -71,7 +72,7 @@ def test_every_command_helps_and_refuses_an_unknown_flag_alike():
     assert "distill_fashion_mnist: self, big_to_small," in text["simclr_jax.distill"]
     assert "pretrain_imagenet" not in text["simclr_jax.finetune"]
 
-    for module, result in run_all("--no_such_flag=1", modules).items():
+    for module, result in refused.items():
         assert result.returncode == 1, (module, result.returncode, result.stderr[-2000:])
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"{module}: error: ") and "no_such_flag" in last, (module, last)

@@ -14,6 +14,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 # Small programs too (the tiny models' inits and predicts take 0.1-0.5 s): test processes share them.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One thread each for OpenMP (scikit-learn's t-SNE) and OpenBLAS (NumPy's matmuls): two xdist
+# workers and their subprocesses already fill the cores, and these pools' threads spin while
+# they wait, which costs most on a busy machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # The cheap XLA:CPU compile pipeline for every test process and subprocess (tests/devices.py).
 use_cheap_compiles()

@@ -2,6 +2,8 @@
 
     python tests/forked_commands.py '[["simclr_jax.pretrain", "--help"], ...]'
 
+or, from a test, `forked_commands.run([[module, *args], ...])`: a CompletedProcess each.
+
 A command's start is mostly importing JAX, Flax, orbax and the package (about a second of CPU);
 its `--help` or a flag error takes milliseconds after that. This script imports the package's
 modules once, then forks a child per command that runs the module as `python -m` does (runpy,
@@ -17,10 +19,28 @@ another module imported, so its `__main__` is the module's own fresh run, as und
 import importlib
 import json
 import os
+import pathlib
 import pkgutil
 import runpy
+import subprocess
 import sys
 import tempfile
+
+
+def run(
+    runs: list[list[str]], cwd: str | os.PathLike | None = None
+) -> list[subprocess.CompletedProcess]:
+    """`python -m module *args` for each [module, *args] of `runs`, as described above."""
+    done = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).resolve()), json.dumps(runs)],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"forked_commands failed:\n{done.stderr[-3000:]}")
+    results = json.loads(done.stdout.splitlines()[-1])
+    return [
+        subprocess.CompletedProcess(r, *result) for r, result in zip(runs, results, strict=True)
+    ]
 
 
 def preload(commands: set[str]) -> None:

@@ -4,11 +4,12 @@ line `<command>: error: ...`: absl flags through simclr_jax.cli.run)."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 import subprocess
 import sys
+
+import forked_commands
 
 from simclr_jax.__main__ import COMMANDS
 
@@ -33,20 +34,8 @@ def modules_with_a_main() -> set[str]:
 def run_all(*arguments: str, modules) -> list[dict[str, subprocess.CompletedProcess]]:
     """`python -m <module> <argument>` for every module and argument, side by side: run as
     `python -m` runs them, in children forked from one interpreter (tests/forked_commands.py)."""
-    runs = [[module, argument] for argument in arguments for module in modules]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "forked_commands.py"), json.dumps(runs)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = iter(json.loads(done.stdout.splitlines()[-1]))
-    return [
-        {
-            module: subprocess.CompletedProcess([module, argument], *next(results))
-            for module in modules
-        }
-        for argument in arguments
-    ]
+    results = iter(forked_commands.run([[m, a] for a in arguments for m in modules], cwd=ROOT))
+    return [{module: next(results) for module in modules} for _ in arguments]
 
 
 def test_the_listing_names_every_command():

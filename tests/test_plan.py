@@ -237,7 +237,7 @@ def test_a_batch_that_does_not_fit_in_one_pass_fits_in_chunks(monkeypatch):
     """Real compiles for a v5e: with a memory budget between the one-pass step's and the
     4-chunk step's, the search lands on a K at which XLA's own total fits (each K compiled once:
     the search reuses the two compiles that set the budget)."""
-    config, target = small_pretraining(128), targets.parse("v5e:2x2")
+    config, target = small_pretraining(64), targets.parse("v5e:2x2")
     compiled = {}
     make_plan = planner.make_plan
 

@@ -139,14 +139,16 @@ def check_stopped_together(job: Job, results: list[dict], after: int) -> int:
 
 def test_sigterm_to_some_processes_stops_all_at_one_step_and_resumes_exactly(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    reference = Job(straight).finish(LAUNCH_S)
-    assert [r["step"] for r in reference] == [STEPS, STEPS]
-
-    # 1. SIGTERM to process 1 only.
-    job = Job(stopped)
-    job.wait_for_step(5)
-    job.procs[1].send_signal(signal.SIGTERM)
-    first = check_stopped_together(job, job.finish(EXIT_S), after=5)
+    reference = Job(straight)  # the uninterrupted run, beside the first interrupted launch
+    try:
+        # 1. SIGTERM to process 1 only.
+        job = Job(stopped)
+        job.wait_for_step(5)
+        job.procs[1].send_signal(signal.SIGTERM)
+        first = check_stopped_together(job, job.finish(EXIT_S), after=5)
+        assert [r["step"] for r in reference.finish(LAUNCH_S)] == [STEPS, STEPS]
+    finally:
+        reference.kill()
 
     # 2. The rerun resumes there; SIGTERM reaches process 0, then process 1 a step later.
     job = Job(stopped)

@@ -2,7 +2,8 @@
 
     python tests/forked_commands.py '[["simclr_jax.pretrain", "--help"], ...]'
 
-or, from a test, `forked_commands.run([[module, *args], ...])`: a CompletedProcess each.
+or, from a test, `forked_commands.run([[module, *args], ...])`: a CompletedProcess each. A
+module "-c" runs its first argument as code, as `python -c CODE ARGS...` does.
 
 A command's start is mostly importing JAX, Flax, orbax and the package (about a second of CPU);
 its `--help` or a flag error takes milliseconds after that. This script imports the package's
@@ -30,7 +31,7 @@ import tempfile
 def run(
     runs: list[list[str]], cwd: str | os.PathLike | None = None
 ) -> list[subprocess.CompletedProcess]:
-    """`python -m module *args` for each [module, *args] of `runs`, as described above."""
+    """`python -m module *args` (or `python -c`) for each [module, *args] of `runs`."""
     done = subprocess.run(
         [sys.executable, str(pathlib.Path(__file__).resolve()), json.dumps(runs)],
         cwd=cwd, capture_output=True, text=True, timeout=600,
@@ -63,12 +64,16 @@ def child(module: str, args: list[str], out: str, err: str) -> None:
     with open(out, "w") as stdout, open(err, "w") as stderr:
         os.dup2(stdout.fileno(), 1)
         os.dup2(stderr.fileno(), 2)
-        if not hasattr(sys.modules.get(module), "__path__"):  # a package runs its __main__
-            sys.modules.pop(module, None)
-        sys.modules.pop(module + ".__main__", None)
-        sys.argv = [module, *args]
         try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            if module == "-c":  # python -c CODE ARGS...
+                sys.argv = ["-c", *args[1:]]
+                exec(compile(args[0], "<string>", "exec"), {"__name__": "__main__"})
+            else:
+                if not hasattr(sys.modules.get(module), "__path__"):  # a package runs __main__
+                    sys.modules.pop(module, None)
+                sys.modules.pop(module + ".__main__", None)
+                sys.argv = [module, *args]
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as done:
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
             if isinstance(done.code, str):

@@ -6,9 +6,8 @@ from __future__ import annotations
 import errno
 import logging
 import pathlib
-import subprocess
-import sys
 
+import forked_commands
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,18 +20,94 @@ from simclr_jax.data import sources
 TINY = f"{pretrain_fashion_mnist.__file__}:tiny"
 
 
-def run(*args: str, module: str = "simclr_jax.pretrain", cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+PROGRAM = """
+import sys
+import numpy as np
+from simclr_jax import cli, validation
+
+def main(argv):
+    if argv[1] == "ours":
+        validation.positive("optim.base_lr", -1.0)
+    np.zeros(3).reshape(2)  # a library's ValueError: a bug, not the user's
+
+cli.run(main)
+"""
 
 
-def test_help_exits_0_and_lists_the_stage_flags():
-    result = run("--help")
+ORBAX_SAVE = """
+import logging, sys
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from simclr_jax import cli
+
+def main(argv):
+    logging.getLogger().setLevel(logging.INFO)
+    with ocp.CheckpointManager(sys.argv[-1]) as manager:
+        manager.save(1, args=ocp.args.StandardSave({"w": np.ones(3)}))
+    absl_logging.info("our line")
+    absl_logging.warning("our warning")
+
+cli.run(main)
+"""
+
+
+USER_ERRORS = {
+    "bad argument": (["--config=" + TINY.replace(":tiny", ":size=huge")], "size='huge'"),
+    "misspelt field": (
+        [f"--config={TINY}", "--config.batch_sise=3"],
+        "no such config field 'batch_sise'; Did you mean \"batch_size\"",
+    ),
+    "no such file": (
+        ["--config=no_such_config.py"],
+        "--config: no config file 'no_such_config.py'",
+    ),
+    "no such folder": (
+        [
+            f"--config={TINY}",
+            "--config.dataset.source=folder",
+            "--config.dataset.name=folder",
+            "--config.dataset.data_dir=/no/such/images",
+        ],
+        "dataset.data_dir='/no/such/images' is not a folder",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """This file's command-line runs, side by side in children forked from one interpreter
+    (tests/forked_commands.py): name -> (result, the folder it was given)."""
+    root = tmp_path_factory.mktemp("cli")
+    afile = root / "a_file"
+    afile.write_text("keep me")
+
+    def stage(module: str, args: list[str], workdir: pathlib.Path):
+        return [module, *args, f"--workdir={workdir}"], workdir
+
+    commands = {
+        "help": stage("simclr_jax.pretrain", ["--help"], root / "help"),
+        "helpfull": stage("simclr_jax.finetune", ["--helpfull"], root / "helpfull"),
+        "a file": stage("simclr_jax.pretrain", [f"--config={TINY}"], afile),
+        **{
+            name: stage("simclr_jax.pretrain", args, root / f"error_{i}")
+            for i, (name, (args, _)) in enumerate(USER_ERRORS.items())
+        },
+        ("program", "ours", False): (["-c", PROGRAM, "ours"], None),
+        ("program", "ours", True): (["-c", PROGRAM, "-v", "1", "ours"], None),
+        ("program", "library", False): (["-c", PROGRAM, "library"], None),
+        ("orbax", False): (["-c", ORBAX_SAVE, str(root / "orbax")], root / "orbax"),
+        ("orbax", True): (["-c", ORBAX_SAVE, "-v", "1", str(root / "orbax_v")], root / "orbax_v"),
+    }
+    done = forked_commands.run([argv for argv, _ in commands.values()])
+    return {
+        name: (result, folder)
+        for (name, (_, folder)), result in zip(commands.items(), done, strict=True)
+    }
+
+
+def test_help_exits_0_and_lists_the_stage_flags(runs):
+    result, _ = runs["help"]
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--config:", "--workdir:", "--stop_at_step:", "--coordinator_address:"):
         assert flag in result.stdout
@@ -40,46 +115,25 @@ def test_help_exits_0_and_lists_the_stage_flags():
     assert "--jax_" not in result.stdout  # only the stage's own flags (absl's are in --helpfull)
 
 
-def test_helpfull_exits_0_and_lists_every_flag():
-    result = run("--helpfull", module="simclr_jax.finetune")
+def test_helpfull_exits_0_and_lists_every_flag(runs):
+    result, _ = runs["helpfull"]
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--config:" in result.stdout and "--workdir:" in result.stdout
     assert "--verbosity" in result.stdout  # absl's own flags too
 
 
-@pytest.mark.parametrize(
-    "args,needle",
-    [
-        (["--config=" + TINY.replace(":tiny", ":size=huge")], "size='huge'"),  # bad argument
-        (
-            [f"--config={TINY}", "--config.batch_sise=3"],
-            "no such config field 'batch_sise'; Did you mean \"batch_size\"",
-        ),
-        (["--config=no_such_config.py"], "--config: no config file 'no_such_config.py'"),
-        (
-            [
-                f"--config={TINY}",
-                "--config.dataset.source=folder",
-                "--config.dataset.name=folder",
-                "--config.dataset.data_dir=/no/such/images",
-            ],
-            "dataset.data_dir='/no/such/images' is not a folder",
-        ),
-    ],
-)
-def test_user_errors_are_one_line_without_a_traceback(args, needle, tmp_path):
-    result = run(*args, f"--workdir={tmp_path / 'run'}")
+@pytest.mark.parametrize("name", USER_ERRORS)
+def test_user_errors_are_one_line_without_a_traceback(name, runs):
+    (result, workdir), (_, needle) = runs[name], USER_ERRORS[name]
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("simclr_jax.pretrain: error: ") and needle in last, result.stderr[-2000:]
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (workdir / "checkpoints").exists()
 
 
-def test_a_workdir_that_is_a_file_is_named_before_any_work(tmp_path):
-    afile = tmp_path / "run"
-    afile.write_text("keep me")
-    result = run(f"--config={TINY}", f"--workdir={afile}")
+def test_a_workdir_that_is_a_file_is_named_before_any_work(runs):
+    result, afile = runs["a file"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"simclr_jax.pretrain: error: {afile} must be a folder (--workdir names a run's folder, "
@@ -101,29 +155,12 @@ def test_a_missing_data_dir_is_named_before_any_work(source, tmp_path):
     validation.check_dataset(config.dataset)
 
 
-PROGRAM = """
-import sys
-import numpy as np
-from simclr_jax import cli, validation
-
-def main(argv):
-    if argv[1] == "ours":
-        validation.positive("optim.base_lr", -1.0)
-    np.zeros(3).reshape(2)  # a library's ValueError: a bug, not the user's
-
-cli.run(main)
-"""
-
-
 @pytest.mark.parametrize(
     "which,verbose,traceback",
     [("ours", False, False), ("ours", True, True), ("library", False, True)],
 )
-def test_our_errors_are_one_line_and_bugs_keep_their_traceback(which, verbose, traceback):
-    flags = ["-v", "1"] if verbose else []
-    result = subprocess.run(
-        [sys.executable, "-c", PROGRAM, *flags, which], capture_output=True, text=True, timeout=120
-    )
+def test_our_errors_are_one_line_and_bugs_keep_their_traceback(which, verbose, traceback, runs):
+    result, _ = runs[("program", which, verbose)]
     assert result.returncode == 1
     assert ("Traceback" in result.stderr) == traceback, result.stderr[-2000:]
     if which == "ours" and not verbose:
@@ -164,35 +201,11 @@ def test_help_is_recognised_in_every_absl_spelling():
         assert not cli.asks_for_help(args), args
 
 
-ORBAX_SAVE = """
-import logging, sys
-import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging as absl_logging
-from simclr_jax import cli
-
-def main(argv):
-    logging.getLogger().setLevel(logging.INFO)
-    with ocp.CheckpointManager(sys.argv[-1]) as manager:
-        manager.save(1, args=ocp.args.StandardSave({"w": np.ones(3)}))
-    absl_logging.info("our line")
-    absl_logging.warning("our warning")
-
-cli.run(main)
-"""
-
-
 @pytest.mark.parametrize("verbose", [False, True])
-def test_orbax_internals_leave_the_log_unless_verbose(verbose, tmp_path):
-    flags = ["-v", "1"] if verbose else []
-    result = subprocess.run(
-        [sys.executable, "-c", ORBAX_SAVE, *flags, str(tmp_path / "ckpt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_orbax_internals_leave_the_log_unless_verbose(verbose, runs):
+    result, folder = runs[("orbax", verbose)]
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "ckpt" / "1").is_dir()
+    assert (folder / "1").is_dir()
     assert "our line" in result.stderr and "our warning" in result.stderr
     orbax_info = [
         line

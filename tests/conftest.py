@@ -14,7 +14,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 # Small programs too (the tiny models' inits and predicts take 0.1-0.5 s): test processes share them.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# One thread each for OpenMP (scikit-learn's t-SNE) and OpenBLAS (NumPy's matmuls): two xdist
+# One thread each for OpenMP (scikit-learn's t-SNE) and OpenBLAS (NumPy's matmuls): the xdist
 # workers and their subprocesses already fill the cores, and these pools' threads spin while
 # they wait, which costs most on a busy machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -25,9 +25,10 @@ use_cheap_compiles()
 
 # The files whose tests take longest on a 2-core machine (a cold `make test`), longest first.
 SLOW_FIRST = (
-    "test_preemption", "test_prepared_stages", "test_demo", "test_accumulation", "test_export",
-    "test_plan", "test_faults", "test_multiprocess", "test_parallel", "test_reliability",
-    "test_convert", "test_benchmarks", "test_models",
+    "test_preemption", "test_demo", "test_plan", "test_export", "test_prepared_stages",
+    "test_accumulation", "test_faults", "test_convert", "test_models", "test_reliability",
+    "test_multiprocess", "test_plot", "test_recipe_e2e", "test_pretrain", "test_chaos",
+    "test_cli", "test_parallel", "test_launch", "test_benchmarks",
 )  # fmt: skip
 
 

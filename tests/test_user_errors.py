@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import forked_commands
 import pytest
 
 from simclr_jax import cli, evaluate, saved_run
@@ -25,11 +26,32 @@ from simclr_jax.configs import (
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )  # fmt: skip
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, pathlib.Path, float]]:
+    """This file's `python -m` runs, side by side in children forked from one interpreter
+    (tests/forked_commands.py): name -> (result, its workdir, seconds for all of them)."""
+    root = tmp_path_factory.mktemp("user_errors")
+    (root / "empty").mkdir()
+    commands = {
+        "no init": ("simclr_jax.finetune", "--config=finetune_fashion_mnist:tiny", root / "empty"),
+        "no workdir": ("simclr_jax.evaluate", None, root / "typo"),
+        "bad preset": ("simclr_jax.pretrain", "--config=pretrain_imagenet:r50_1x_sk9", root / "p"),
+        "bad path": ("simclr_jax.finetune", "--config=configs/finetune_fashon_mnist.py:tiny",
+                     root / "c"),
+    }  # fmt: skip
+    start = time.monotonic()
+    done = forked_commands.run(
+        [
+            [module, *([config] if config else []), f"--workdir={workdir}"]
+            for module, config, workdir in commands.values()
+        ],
+        cwd=ROOT,
+    )
+    seconds = time.monotonic() - start
+    return {
+        name: (result, workdir, seconds)
+        for (name, (_, _, workdir)), result in zip(commands.items(), done, strict=True)
+    }
 
 
 def one_line_error(result: subprocess.CompletedProcess, program: str) -> str:
@@ -41,16 +63,14 @@ def one_line_error(result: subprocess.CompletedProcess, program: str) -> str:
     return last.removeprefix(f"{program}: error: ")
 
 
-def test_fine_tuning_without_init_checkpoint_fails_in_one_line(tmp_path):
-    result = run(
-        "simclr_jax.finetune", "--config=finetune_fashion_mnist:tiny", f"--workdir={tmp_path}"
-    )
+def test_fine_tuning_without_init_checkpoint_fails_in_one_line(runs):
+    result, workdir, _ = runs["no init"]
     assert one_line_error(result, "simclr_jax.finetune") == (
         "config.init_checkpoint is not set: name the pretraining workdir to start from "
         "(--config.init_checkpoint=DIR), or --config.init_checkpoint=none to train from random "
         "weights (as the supervised recipes do)"
     )
-    assert list(tmp_path.iterdir()) == []  # failed before anything was written
+    assert list(workdir.iterdir()) == []  # failed before anything was written
 
 
 def test_only_the_supervised_recipes_start_from_random_weights_unasked():
@@ -68,12 +88,11 @@ def test_only_the_supervised_recipes_start_from_random_weights_unasked():
         saved_run.read_start("", field="f", required=True)
 
 
-def test_evaluating_a_workdir_that_does_not_exist_fails_within_30_s(tmp_path):
-    start = time.monotonic()
-    result = run("simclr_jax.evaluate", f"--workdir={tmp_path / 'typo'}", timeout=30)
-    assert time.monotonic() - start < 30
+def test_evaluating_a_workdir_that_does_not_exist_fails_within_30_s(runs):
+    result, workdir, seconds = runs["no workdir"]
+    assert seconds < 30  # this file's command-line runs, all of them
     assert one_line_error(result, "simclr_jax.evaluate") == (
-        f"--workdir='{tmp_path / 'typo'}' does not exist: name the workdir of a training run "
+        f"--workdir='{workdir}' does not exist: name the workdir of a training run "
         "(started or finished)"
     )
 
@@ -86,22 +105,15 @@ def test_the_evaluation_job_says_once_what_it_waits_for(tmp_path, caplog):
     assert len(waiting) == 1 and str(tmp_path) in waiting[0].getMessage()
 
 
-def test_a_bad_preset_lists_every_preset(tmp_path):
-    result = run(
-        "simclr_jax.pretrain", "--config=pretrain_imagenet:r50_1x_sk9", f"--workdir={tmp_path}"
-    )
-    message = one_line_error(result, "simclr_jax.pretrain")
+def test_a_bad_preset_lists_every_preset(runs):
+    message = one_line_error(runs["bad preset"][0], "simclr_jax.pretrain")
     assert "'r50_1x_sk9' in 'r50_1x_sk9' is neither a preset nor key=value" in message
     presets = list(pretrain_imagenet.ARGUMENTS.presets)
     assert len(presets) == 25 and f"presets: {', '.join(presets)} " in message
 
 
-def test_a_bad_config_path_lists_the_config_files(tmp_path):
-    result = run(
-        "simclr_jax.finetune", "--config=configs/finetune_fashon_mnist.py:tiny",
-        f"--workdir={tmp_path}",
-    )  # fmt: skip
-    message = one_line_error(result, "simclr_jax.finetune")
+def test_a_bad_config_path_lists_the_config_files(runs):
+    message = one_line_error(runs["bad path"][0], "simclr_jax.finetune")
     assert message.startswith("--config: no config file 'configs/finetune_fashon_mnist.py'")
     assert f"({', '.join(cli.config_names())})" in message and "finetune_fashion_mnist" in message
 

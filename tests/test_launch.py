@@ -212,7 +212,7 @@ def test_tpu_evaluation_job_runs_beside_the_training_job_on_one_worker():
 
 PLANNED_ARGS = [
     "--",
-    "--config=configs/pretrain_fashion_mnist.py:demo",
+    "--config=configs/pretrain_fashion_mnist.py:tiny",
     "--config.batch_size=32",
     "--workdir=gs://b/run",
 ]

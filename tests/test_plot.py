@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 
+import forked_commands
 import numpy as np
 import pytest
 
@@ -168,13 +169,20 @@ def one_line(err: str) -> str:
     return last
 
 
+def run_mains(*runs: list[str]) -> list[tuple[int, str, str]]:
+    """Several `python -m simclr_jax.plot` runs side by side (tests/forked_commands.py)."""
+    done = forked_commands.run([["simclr_jax.plot", *argv] for argv in runs], cwd=ROOT)
+    return [(result.returncode, result.stdout, result.stderr) for result in done]
+
+
 def test_folder_without_metrics_says_so_in_one_line(tmp_path):
-    code, out, err = run_main(f"--workdir={tmp_path}")
+    (code, out, err), (missing, _, missing_err) = run_mains(
+        [f"--workdir={tmp_path}"], [f"--workdir={tmp_path / 'missing'}"]
+    )
     assert code == 1 and out == ""
     last = one_line(err)
     assert "has no metrics.jsonl" in last and str(tmp_path) in last
-    code, _, err = run_main(f"--workdir={tmp_path / 'missing'}")
-    assert code == 1 and "is not a folder" in one_line(err)
+    assert missing == 1 and "is not a folder" in one_line(missing_err)
     assert not (tmp_path / "curves.png").exists()
 
 
@@ -246,15 +254,18 @@ def test_embedding_map_scatters_each_class(tmp_path, method):
 
 
 def test_embedding_map_command_and_its_errors(tmp_path):
+    embedding = f"--embedding={tmp_path / 'e.npz'}"
     clustered_embedding(tmp_path / "e.npz")
-    code, out, err = run_main(f"--embedding={tmp_path / 'e.npz'}", "--method=pca",
-                              f"--out={tmp_path / 'm.png'}")  # fmt: skip
+    drawn, wrong_field, two_inputs, umap = run_mains(
+        [embedding, "--method=pca", f"--out={tmp_path / 'm.png'}"],
+        [embedding, "--field=projection"],
+        [embedding, f"--workdir={tmp_path}"],
+        [embedding, "--method=umap", f"--out={tmp_path / 'u.png'}"],
+    )
+    code, out, err = drawn
     assert code == 0, err
     assert out.strip() == f"wrote {tmp_path / 'm.png'}" and png_size(tmp_path / "m.png")
-    code, _, err = run_main(f"--embedding={tmp_path / 'e.npz'}", "--field=projection")
-    assert code == 1 and "has no 'projection' array" in one_line(err)
-    code, _, err = run_main(f"--embedding={tmp_path / 'e.npz'}", f"--workdir={tmp_path}")
-    assert code == 1 and "give one of --workdir" in one_line(err)
+    assert wrong_field[0] == 1 and "has no 'projection' array" in one_line(wrong_field[2])
+    assert two_inputs[0] == 1 and "give one of --workdir" in one_line(two_inputs[2])
     if importlib.util.find_spec("umap") is None:
-        code, _, err = run_main(f"--embedding={tmp_path / 'e.npz'}", "--method=umap")
-        assert code == 1 and "pip install 'simclr_jax[umap]'" in one_line(err)
+        assert umap[0] == 1 and "pip install 'simclr_jax[umap]'" in one_line(umap[2])

@@ -190,7 +190,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
             logging.getLogger("absl").addFilter(_drop_library_notices)
             # "Unable to initialize backend 'tpu'" on every machine without one (INFO).
             logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-            sys.unraisablehook = _without_closed_loop_unraisable(sys.unraisablehook)
+            sys.unraisablehook = _without_orbax_unraisable(sys.unraisablehook)
         try:
             return main(argv)
         except Exception as error:
@@ -299,18 +299,28 @@ def _drop_library_notices(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING and not notice
 
 
-def _without_closed_loop_unraisable(hook: Callable) -> Callable:
-    """sys.unraisablehook, less the "Event loop is closed" reports of checkpoint writes that were
-    in flight when a save failed (orbax's storage callbacks print one each after its loop
-    closed; the run's own error line says what happened)."""
+def _without_orbax_unraisable(hook: Callable) -> Callable:
+    """sys.unraisablehook, less what orbax's abandoned work reports when the garbage collector
+    finds it: the "Event loop is closed" of checkpoint writes in flight when a save failed, and
+    the reads still pending when one read of a corrupt checkpoint failed (an "Exception ignored
+    in: <coroutine ...>" each, with TensorStore's whole spec). The run's own line says what
+    happened (the save's error, or the checkpoint set aside); --verbosity=1 shows them all."""
 
     def unraisablehook(unraisable) -> None:
         value = unraisable.exc_value
         if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
             return
+        if _raised_in_orbax(value):
+            return
         hook(unraisable)
 
     return unraisablehook
+
+
+def _raised_in_orbax(error: BaseException | None) -> bool:
+    """Whether `error` was raised by a frame of orbax's own code."""
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return bool(frames) and f"{os.sep}orbax{os.sep}" in frames[-1].filename
 
 
 def _verbose() -> bool:

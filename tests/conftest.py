@@ -23,12 +23,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # The cheap XLA:CPU compile pipeline for every test process and subprocess (tests/devices.py).
 use_cheap_compiles()
 
-# The files whose tests take longest on a 2-core machine (a cold `make test`), longest first.
+# The files whose tests take longest on a 2-core machine (a cold `make test`, 3 workers), longest
+# first. The Makefile passes --no-loadscope-reorder: xdist otherwise hands out files by their
+# number of tests, which started a 54 s file last.
 SLOW_FIRST = (
-    "test_preemption", "test_demo", "test_plan", "test_export", "test_prepared_stages",
-    "test_accumulation", "test_faults", "test_convert", "test_models", "test_reliability",
-    "test_multiprocess", "test_plot", "test_recipe_e2e", "test_pretrain", "test_chaos",
-    "test_cli", "test_parallel", "test_launch", "test_benchmarks",
+    "test_plan", "test_export", "test_demo", "test_preemption", "test_faults",
+    "test_prepared_stages", "test_convert", "test_accumulation", "test_models", "test_reliability",
+    "test_recipe_e2e", "test_multiprocess", "test_pretrain", "test_benchmarks", "test_parallel",
+    "test_plot", "test_launch", "test_chaos", "test_memory",
 )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import types
 
+import forked_commands
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,15 +50,18 @@ def gathered_projections(plan, global_batch: int) -> int:
     return int(gathered["bytes"] // one)
 
 
+V5E_BATCH = 64  # also the chunk search's batch, which starts from this plan
+
+
 @pytest.fixture(scope="module")
 def v5e_plan():
-    return planner.make_plan(small_pretraining(), targets.parse("v5e:2x2"))
+    return planner.make_plan(small_pretraining(V5E_BATCH), targets.parse("v5e:2x2"))
 
 
 def test_a_small_pretraining_config_planned_for_v5e_has_every_key_and_fits(v5e_plan):
     plan = v5e_plan
     assert set(planner.PLAN_KEYS) <= set(plan)
-    assert (plan["num_devices"], plan["num_processes"], plan["per_device_batch"]) == (4, 1, 8)
+    assert (plan["num_devices"], plan["num_processes"], plan["per_device_batch"]) == (4, 1, 16)
     memory = plan["memory_bytes"]
     parts = memory["arguments"] + memory["temporaries"] + memory["outputs"]
     assert memory["total"] == max(
@@ -93,7 +97,7 @@ def test_the_collectives_are_the_steps_own(v5e_plan):
     """NT-Xent gathers both views' projections, [global batch, 128] float32 each (XLA:TPU may
     gather them again for the backward pass rather than keep them); gradients, BN statistics
     and metrics are all-reduced."""
-    assert gathered_projections(v5e_plan, 32) >= 2
+    assert gathered_projections(v5e_plan, V5E_BATCH) >= 2
     assert v5e_plan["collectives"]["all-reduce"]["count"] >= 1
 
 
@@ -106,7 +110,7 @@ def test_the_bounds_follow_from_the_facts(v5e_plan):
     links = sum(c["link_bytes"] for c in plan["collectives"].values())
     assert terms["collectives"] == pytest.approx(links / chip.link_bandwidth)
     assert plan["step_time_bound_s"] == max(terms.values())
-    assert plan["images_per_s_bound"] == pytest.approx(32 / plan["step_time_bound_s"])
+    assert plan["images_per_s_bound"] == pytest.approx(V5E_BATCH / plan["step_time_bound_s"])
     assert plan["epoch_time_bound_s"] == pytest.approx(60_000 / plan["images_per_s_bound"])
     hours = plan["total_steps"] * plan["step_time_bound_s"] / 3600
     assert plan["run_device_hours_bound"] == pytest.approx(hours * 4)
@@ -233,12 +237,12 @@ def test_fit_chunks_finds_the_fewest_chunks_that_fit(monkeypatch, curve):
         assert len(found["tried"]) <= 5, found["tried"]
 
 
-def test_a_batch_that_does_not_fit_in_one_pass_fits_in_chunks(monkeypatch):
+def test_a_batch_that_does_not_fit_in_one_pass_fits_in_chunks(monkeypatch, v5e_plan):
     """Real compiles for a v5e: with a memory budget between the one-pass step's and the
     4-chunk step's, the search lands on a K at which XLA's own total fits (each K compiled once:
     the search reuses the two compiles that set the budget)."""
-    config, target = small_pretraining(64), targets.parse("v5e:2x2")
-    compiled = {}
+    config, target = small_pretraining(V5E_BATCH), targets.parse("v5e:2x2")
+    compiled = {1: v5e_plan}  # the same config and target, compiled by the fixture
     make_plan = planner.make_plan
 
     def once(config, target, **kwargs):
@@ -307,17 +311,28 @@ def run_plan(*args, env=None, timeout=300):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--target=v9:3x3"], "is not a target; use a TPU topology"),
-        (["--target=v5e:2x2", "--config.batch_size=30"], "batch_size=30 does not divide over 4"),
-        (["--target=v5e:2x2", "--fit", "--fit_chunks"], "--fit and --fit_chunks search different"),
-    ],
-)
-def test_mistakes_are_one_line_errors(args, message):
+MISTAKES = {
+    "not a target": (["--target=v9:3x3"], "is not a target; use a TPU topology"),
+    "indivisible batch": (
+        ["--target=v5e:2x2", "--config.batch_size=30"], "batch_size=30 does not divide over 4"
+    ),
+    "two searches": (
+        ["--target=v5e:2x2", "--fit", "--fit_chunks"], "--fit and --fit_chunks search different"
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mistakes():
+    """The command on each mistake (they end before JAX starts: one interpreter, forked)."""
     config = f"--config={pretrain_fashion_mnist.__file__}:demo"
-    done = run_plan(config, "--host_rate=0", *args)
+    runs = [["simclr_jax.plan", config, "--host_rate=0", *args] for args, _ in MISTAKES.values()]
+    return dict(zip(MISTAKES, forked_commands.run(runs), strict=True))
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_mistakes_are_one_line_errors(mistake, mistakes):
+    done, message = mistakes[mistake], MISTAKES[mistake][1]
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]

@@ -18,7 +18,13 @@ from PIL import Image
 from simclr_jax.data import folder_layout, image_files, prepared, shard_writer
 
 tfds = pytest.importorskip("tensorflow_datasets")  # the [tfds] extra; make test installs it
-tf = pytest.importorskip("tensorflow")
+
+
+def tensorflow():
+    """TensorFlow, imported by the tests that use it (not at collection: each xdist worker
+    collects every file, and importing it costs seconds of CPU)."""
+    return pytest.importorskip("tensorflow")
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,7 +64,11 @@ def examples(name, data_dir, split):
 
 
 def decoded(record, channels):
-    return tf.io.decode_image(record["image"], channels=channels, expand_animations=False).numpy()
+    return (
+        tensorflow()
+        .io.decode_image(record["image"], channels=channels, expand_animations=False)
+        .numpy()
+    )
 
 
 def test_labelled_folder_with_validation_and_test_folders(tmp_path):
@@ -121,7 +131,7 @@ def test_grayscale_rgba_16_bit_png_and_npy_follow_the_written_rules(tmp_path):
     save(root / "gray.png", gray)
     save(root / "rgba.png", rgba)
     save(root / "gray16.png", gray16)  # PIL writes mode I;16 as a 16-bit grayscale PNG
-    root.joinpath("rgb16.png").write_bytes(tf.io.encode_png(rgb16).numpy())
+    root.joinpath("rgb16.png").write_bytes(tensorflow().io.encode_png(rgb16).numpy())
     np.save(root / "floats.npy", floats)
     np.save(root / "u16.npy", u16)
     np.save(root / "two_channels.npy", noise(rng, 4, 4, 2))

@@ -34,7 +34,8 @@ _OPEN: weakref.WeakSet = weakref.WeakSet()  # the iterators of every stream, clo
 
 
 @atexit.register
-def _close_open_streams() -> None:
+def close_open_streams() -> None:
+    """Closes every stream still open (at exit, and between tests that leave theirs open)."""
     for stream in list(_OPEN):
         stream.close()
 

@@ -35,9 +35,7 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	  fi; \
 	  $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: byte-compiling every installed file (TensorFlow alone has thousands) took a
-	# third of the install; Python compiles what is imported, once, on first use.
-	$(PY) -m pip install -q --no-compile $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[tfds,test,transfer,tpu]"
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[tfds,test,transfer,tpu]"
 	@touch $(STAMP)
 
 # Fashion-MNIST: real data, offline. Debian's dataset-fashion-mnist package, or the four files in

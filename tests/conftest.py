@@ -1,4 +1,5 @@
-"""Shared test setup: CPU only, a persistent compilation cache, and the repository root."""
+"""Shared test setup: CPU only, a persistent compilation cache, the cheap compile pipeline, the
+files' order (longest first) and closing the data streams a test leaves open."""
 
 import os
 import pathlib

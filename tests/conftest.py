@@ -28,7 +28,7 @@ use_cheap_compiles()
 
 # The files whose tests take longest on a 2-core machine (a cold `make test`, 3 workers), longest
 # first. The Makefile passes --no-loadscope-reorder: xdist otherwise hands out files by their
-# number of tests, which started a 54 s file last.
+# number of tests, which can start a long file last.
 SLOW_FIRST = (
     "test_plan", "test_export", "test_demo", "test_preemption", "test_faults",
     "test_prepared_stages", "test_convert", "test_accumulation", "test_models", "test_reliability",
@@ -47,8 +47,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True)
 def _close_data_streams():
     """Closes the tfds streams a test leaves open, while the process is fully alive: left to the
-    exit (step_stream's atexit), an xdist worker's can block its exit until xdist kills it after
-    10 s, which delayed the end of every `make test` by as much."""
+    exit (step_stream's atexit), an xdist worker's can block its exit until xdist kills it at its
+    exit timeout, which delays the end of the whole run."""
     yield
     step_stream = sys.modules.get("simclr_jax.data.step_stream")
     if step_stream is not None:

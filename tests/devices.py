@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 # XLA:CPU's cheap compile pipeline: LLVM at -O0 and the classic loop emitters instead of the MLIR
-# fusion emitters. Compiling is most of the suite's CPU time; these flags roughly halve a tiny
-# training process, whose steps then run ~10% slower (long elementwise loops, as L-BFGS fits, up to
-# 2x). The math is the same (the last bits can differ: another instruction order), and every test
-# process and subprocess gets them, so comparisons between processes see one compiler.
+# fusion emitters. Compiling is most of the suite's CPU time, and these flags cut it by about half;
+# steps run a little slower, long elementwise loops (L-BFGS fits) more (benchmarks/RESULTS.md, "The
+# test suite"). The math is the same (the last bits can differ: another instruction order), and
+# every test process and subprocess gets them, so comparisons between processes see one compiler.
 # test_pretrain's CLI test runs the default pipeline, the one users get (`default_pipeline_env`).
 CHEAP_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
@@ -35,8 +35,8 @@ def use_cheap_compiles() -> None:
 
 def fit_pipeline_env() -> dict[str, str]:
     """os.environ with LLVM at -O1 instead of -O0 (classic emitters kept): for a subprocess whose
-    time goes to long loops rather than compiles (the tiny demo's L-BFGS fits: 45 s of CPU at
-    -O0, 36 s at -O1). Unchanged where this XLA refused the cheap flags."""
+    time goes to long loops rather than compiles (the tiny demo's L-BFGS fits). Unchanged where
+    this XLA refused the cheap flags."""
     flags = os.environ.get("XLA_FLAGS", "").split()
     level = CHEAP_COMPILE_FLAGS[0]
     flags = [("--xla_backend_optimization_level=1" if f == level else f) for f in flags]

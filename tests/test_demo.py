@@ -80,10 +80,9 @@ def test_the_demo_reports_every_number_of_its_summary(demo):
     assert '"proj_std"' in records and '"effective_rank"' in records
 
 
-def training_features(workdir: pathlib.Path) -> np.ndarray:
+def training_features(workdir: pathlib.Path, out: pathlib.Path) -> np.ndarray:
     """The training images' features, computed as the demo does, in a process compiled as the
-    demo's was (so they are the demo's to the last bit)."""
-    out = workdir.parent / f"{workdir.name}_train_features.npy"
+    demo's was (so they are the demo's to the last bit); kept in the .npy file `out`."""
     code = (
         "import sys, numpy as np\n"
         "from simclr_jax import demo\n"
@@ -100,7 +99,7 @@ def training_features(workdir: pathlib.Path) -> np.ndarray:
 
 
 @needs_data
-def test_the_demo_retrieval_numbers_are_the_brute_force_ones(demo):
+def test_the_demo_retrieval_numbers_are_the_brute_force_ones(demo, tmp_path):
     """retrieval.json is what simclr_jax.neighbors computes on the demo's features (recomputed
     as the demo does), and on a subset neighbors' recall@K and mAP@R equal an independent
     brute-force NumPy computation exactly (float64 similarities, so no rounding tie decides)."""
@@ -114,7 +113,7 @@ def test_the_demo_retrieval_numbers_are_the_brute_force_ones(demo):
     stored = np.load(workdir / "embeddings_test.npz")
     test_x, test_labels = stored["features"], stored["labels"]
     assert len(test_x) == TEST_IMAGES and stored["thumbnails"].shape == (TEST_IMAGES, 28, 28, 1)
-    train_x = training_features(workdir)
+    train_x = training_features(workdir, tmp_path / "train_features.npy")
     again = neighbors.retrieval_scores(train_x, train_labels[:TRAIN_IMAGES], test_x, test_labels)
     assert {k: reported[k] for k in again} == again
     subset = slice(0, 200)
